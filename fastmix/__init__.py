@@ -1,0 +1,28 @@
+"""fastmix: a fast, faithful AutoMix for PyTorch."""
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+
+def _alias_source_kernels():
+    # Installed, the kernels are the subpackage fastmix/kernels. In a source checkout
+    # (running from the repository root) they sit in ../kernels: register that folder
+    # under the same name so `import fastmix.kernels.x` works either way.
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.isdir(_os.path.join(here, "kernels")) or "fastmix.kernels" in _sys.modules:
+        return
+    init = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _ilu.spec_from_file_location("fastmix.kernels", init,
+                                        submodule_search_locations=[_os.path.dirname(init)])
+    if spec is None or spec.loader is None:
+        return
+    module = _ilu.module_from_spec(spec)
+    _sys.modules["fastmix.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+_alias_source_kernels()
+
+__version__ = "0.1.0"

@@ -1,0 +1,186 @@
+"""AutoMix (spec §2: OpenMixup's ``AutoMixup`` as the headline configs use it).
+
+Per training step, with x [N, C, H, W] and labels y:
+
+1. two independent draws (λ_mb, index_mb) and (λ_bb, index_bb), λ ~ Beta(α, α);
+2. z = stage-3 features of the momentum encoder on clean x (no parameter gradients);
+3. the Mix Block runs twice on the same z: the MB mask keeps its graph, the BB mask is
+   detached; if λ_bb is within ``lam_margin`` of 0 or 1 the BB sample is plain Mixup;
+4. loss_mix_k: momentum encoder + frozen EMA mix head on the MB-mixed images -> the gradient
+   reaches only the Mix Block (through the images);
+   loss_one_q: online encoder + one-hot head on clean images;
+   loss_mix_q: online encoder + mix head on the BB-mixed images;
+   loss_mask: the Mix Block's mask loss on the MB mask, weight 0.1;
+   total = loss_mix_q + loss_one_q + loss_mix_k + loss_mask (one backward, one step);
+5. after the optimizer step, ``after_step`` moves the momentum encoder and its two heads
+   towards the online ones (parameters only, not BN buffers) with the cosine EMA schedule.
+
+Not implemented (unused by every ResNet config of the spec): ``mask_adjust``, ``switch_off``,
+``head_one_mix``, ``head_ensemble``, the SAMix options, the legacy ``pre_*`` losses.
+A NaN mask loss is not dropped on the host (that would sync); NaN steps are the trainer's job.
+"""
+import copy
+
+import torch
+
+from fastmix.backbones import ClsHead
+from fastmix.classifier import MixMethod
+from fastmix.functional import (mask_mix_images, mixed_cross_entropy, mixup_images,
+                                upsample_mask, use_fused)
+from fastmix.mixblock import MixBlock
+from fastmix.schedules import ema_momentum
+
+HEADS = ("one_k", "mix_k", "one_q", "mix_q")
+
+
+class AutoMix(MixMethod):
+    default_head = "one_k"      # the official inference model: momentum encoder + one-hot head
+    head_names = HEADS
+
+    def __init__(self, backbone, num_classes, alpha=2.0, momentum=0.999, momentum_end=0.999999,
+                 momentum_warmup=0.1, mask_loss_weight=0.1, mask_loss_mode="L1",
+                 mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
+                 upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
+                 head_weights=None, seed=None, fused=None):
+        super().__init__(num_classes, alpha=alpha, label_smoothing=label_smoothing, seed=seed,
+                         fused=fused)
+        if not isinstance(getattr(backbone, "out_channels", None), (tuple, list)) or \
+                len(backbone.out_channels) != 2:
+            raise ValueError("the backbone must expose out_channels = (stage-3 C, final C) and "
+                             "return [stage3, final] features (see fastmix.backbones)")
+        if not 0 <= momentum <= 1 or not 0 <= momentum_end <= 1:
+            raise ValueError("EMA momentum values must lie in [0, 1]")
+        c3, c_final = backbone.out_channels
+        self.momentum, self.momentum_end, self.momentum_warmup = momentum, momentum_end, momentum_warmup
+        self.mask_loss_weight = mask_loss_weight
+        self.lam_margin = max(lam_margin, 0.0)
+        self.mix_shuffle_no_repeat = mix_shuffle_no_repeat
+        self.head_weights = dict(mix_q=1.0, one_q=1.0, mix_k=1.0)
+        self.head_weights.update(head_weights or {})
+
+        self.backbone_q = backbone
+        self.head_mix_q = ClsHead(c_final, num_classes)
+        self.head_one_q = ClsHead(c_final, num_classes)
+        self.mix_block = MixBlock(c3, reduction=reduction, lam_concat=lam_concat, upsample=upsample,
+                                  mask_loss_mode=mask_loss_mode, mask_loss_margin=mask_loss_margin)
+        # The momentum encoder and its heads start as copies and are never trained by SGD.
+        self.backbone_k = copy.deepcopy(backbone)
+        self.head_mix_k = copy.deepcopy(self.head_mix_q)
+        self.head_one_k = copy.deepcopy(self.head_one_q)
+        for module in (self.backbone_k, self.head_mix_k, self.head_one_k):
+            module.requires_grad_(False)
+        self._ema_pairs = None
+
+    # ---- the training step -------------------------------------------------------------
+    def forward_train(self, x, y):
+        self.check_batch(x, y)
+        n = x.shape[0]
+        lam_mb, lam_bb = self.sample_lam(2)
+        index_mb = self.permutation(n, x.device, self.mix_shuffle_no_repeat)
+        index_bb = self.permutation(n, x.device, self.mix_shuffle_no_repeat)
+        mixup_fallback = lam_bb <= self.lam_margin or lam_bb >= 1 - self.lam_margin
+
+        with torch.no_grad():
+            z = self.backbone_k(x)[0]
+        if use_fused(x, self.fused):
+            x_mb, x_bb, m_mb = self._mix_fused(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback)
+        else:
+            x_mb, x_bb, m_mb = self._mix_eager(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback)
+        loss_mask = self.mask_loss_weight * self.mix_block.mask_loss(m_mb, lam_mb)
+
+        ce = self._mixed_ce
+        loss_mix_k = ce(self.head_mix_k(self.backbone_k(x_mb)[-1]), y, y[index_mb], lam_mb)
+        loss_one_q = ce(self.head_one_q(self.backbone_q(x)[-1]), y, None, 1.0)
+        loss_mix_q = ce(self.head_mix_q(self.backbone_q(x_bb)[-1]), y, y[index_bb], lam_bb)
+        w = self.head_weights
+        loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + w["mix_k"] * loss_mix_k + loss_mask
+        logs = {"loss_mix_q": loss_mix_q.detach(), "loss_one_q": loss_one_q.detach(),
+                "loss_mix_k": loss_mix_k.detach(), "loss_mask": loss_mask.detach(),
+                "mask_area_mb": (1 - m_mb.detach().float().mean()), "lam_mb": lam_mb}
+        return loss, logs
+
+    def _mixed_ce(self, logits, y_a, y_b, lam):
+        return mixed_cross_entropy(logits, y_a, y_b, lam, self.label_smoothing, fused=self.fused)
+
+    def _mix_eager(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback):
+        """The faithful reference: full-resolution masks [N, 2, H, W], blended in PyTorch."""
+        size = x.shape[-2:]
+        mask_mb = self.mix_block(z, lam_mb, index_mb, size)
+        x_mb = x * mask_mb[:, 0:1] + x[index_mb] * mask_mb[:, 1:2]
+        if mixup_fallback:
+            x_bb = mixup_images(x, index_bb, lam_bb, fused=False)
+        else:
+            with torch.no_grad():
+                mask_bb = self.mix_block(z, lam_bb, index_bb, size)
+            x_bb = x * mask_bb[:, 0:1] + x[index_bb] * mask_bb[:, 1:2]
+        return x_mb.to(x.dtype), x_bb.to(x.dtype), mask_mb[:, 1]
+
+    def _mix_fused(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback):
+        """Project once, two flash-style attentions, one launch for both mixed batches."""
+        from fastmix.kernels.mask_mix import mix_images_pair
+        mb = self.mix_block
+        hw = z.shape[-2:]
+        qk, v = mb.project(z)
+        logits_mb = mb.mask_logits_fused((qk, v), lam_mb, index_mb, hw)
+        mode = mb.upsample
+        if mixup_fallback:
+            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, lam_b=lam_bb, mode=mode)
+        else:
+            with torch.no_grad():
+                logits_bb = mb.mask_logits_fused((qk.detach(), v.detach()), lam_bb, index_bb, hw)
+            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, logits_bb, mode=mode)
+        size = x.shape[-2:]
+        if mode == "nearest" and size[0] % hw[0] == 0 and size[1] % hw[1] == 0:
+            # Each low-res cell is repeated an equal number of times: the mean and variance of
+            # the upsampled mask equal those of the low-res one, so skip the full-res tensor.
+            m_mb = torch.sigmoid(logits_mb)[:, 0]
+        else:
+            m_mb = torch.sigmoid(upsample_mask(logits_mb, size, mode))[:, 0]
+        return x_mb, x_bb, m_mb
+
+    # ---- the EMA ------------------------------------------------------------------------
+    def _pairs(self):
+        if self._ema_pairs is None:
+            k, q = [], []
+            for mk, mq in ((self.backbone_k, self.backbone_q), (self.head_one_k, self.head_one_q),
+                           (self.head_mix_k, self.head_mix_q)):
+                k += list(mk.parameters())
+                q += list(mq.parameters())
+            self._ema_pairs = (k, q)
+        return self._ema_pairs
+
+    @torch.no_grad()
+    def momentum_update(self, m):
+        """θ_k <- m θ_k + (1 - m) θ_q over parameters (not buffers), one multi-tensor op."""
+        if m >= 1:
+            return
+        k, q = self._pairs()
+        torch._foreach_lerp_(k, [p.detach() for p in q], 1.0 - m)
+
+    def ema_momentum(self, step, total_steps):
+        return ema_momentum(step, total_steps, self.momentum, self.momentum_end, self.momentum_warmup)
+
+    def after_step(self, step, total_steps):
+        self.momentum_update(self.ema_momentum(step, total_steps))
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ema_pairs = None  # .to()/.cuda() may replace parameter tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x):
+        """Logits of all four heads: {one_k, mix_k, one_q, mix_q} (spec §2.4)."""
+        f_k = self.backbone_k(x)[-1]
+        f_q = self.backbone_q(x)[-1]
+        return {"one_k": self.head_one_k(f_k), "mix_k": self.head_mix_k(f_k),
+                "one_q": self.head_one_q(f_q), "mix_q": self.head_mix_q(f_q)}
+
+    def inference_model(self, head="one_k"):
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        backbone = self.backbone_k if head.endswith("_k") else self.backbone_q
+        return backbone, getattr(self, "head_" + head)
+
+    def mb_parameters(self):
+        return list(self.mix_block.parameters())

@@ -1,0 +1,537 @@
+"""Fused Mix Block cross attention (AutoMix, ECCV 2022) with a value of width 1.
+
+Per sample n, with partner p = index[n] (any values in [0, N), not necessarily a permutation):
+
+    q[n]  = qk[n] + q_bias                          [L, D]
+    k[n]  = qk[p] + k_bias                          [L, D]
+    vv[n] = v[p]  + v_bias                          [L]
+    P     = softmax(q[n] @ k[n]^T * scale, dim=-1)  [L, L]   (over the partner's positions)
+    out[n] = P @ vv[n]                              [L]      float32
+
+everything in fp32 whatever the input dtype. ``qk`` is the shared query/key 1x1 conv of the
+features laid out [N, L = h*w, D = C // 2], ``v`` the value conv [N, L]; the optional λ
+channel of the original model is folded into the three biases by the caller.
+
+Kernels (flash-style: no N x L x L tensor and no gathered copy of qk / v in device memory;
+the partner's rows are read through ``index``):
+
+* forward: grid (query tiles, N). A program holds BLOCK_M queries of sample n and loops over
+  key tiles of sample index[n] (BLOCK_N keys; S = q k^T accumulated over D in BLOCK_D
+  chunks), keeping an online running max and sum in base 2 and the value reduction as a row
+  sum (the value has width 1, so P @ v is no dot). It writes ``out`` and the natural-log
+  log-sum-exp ``lse`` [N, L] fp32 for the backward. Since L = h*w <= 256 in practice,
+  for fp16 / bf16 BLOCK_N covers the whole key row on a GPU (one key tile: a plain,
+  non-online softmax in effect); fp32 (IEEE dots on the FMA units, register-hungry) caps
+  the key tile at 64, and longer rows loop.
+* backward, dq: grid (query tiles, N). Recomputes S and P = exp(S - lse) per key tile, forms
+  dS = P * (dO_i vv_j - Delta_i) (Delta_i = dO_i out_i), and adds scale * dS @ k to dq
+  chunk by chunk over D (BLOCK_D columns at a time, so D up to 1024 never needs a
+  [BLOCK_M, D] register accumulator). With a whole-row key tile each dq chunk is written
+  once; with several key tiles the program read-modify-writes its own, exclusively owned,
+  dq tile (a barrier orders the CTA's stores before the next tile's loads).
+* backward, dk / dvv: grid (key tiles, N), the transpose: loops over query tiles (whole
+  column on a GPU), dvv_j = sum_i P_ij dO_i, dk chunks = scale * dS^T @ q.
+
+dq, dk and dvv live in the frame of sample n; the autograd Function maps them back:
+grad_qk = dq + index_add(index, dk), grad_v = index_add(index, dvv) (``index_add_``, so a
+non-permutation index is right too), bias grads are sums. fp32 inputs use IEEE fp32 dots;
+fp16 / bf16 inputs use dots in the input dtype with fp32 accumulation on a GPU (and fp32
+under the Triton interpreter).
+
+Public API:
+    mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None)
+    mixblock_attention_eager(...)   # the PyTorch twin (same signature), the reference
+"""
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from fastmix.kernels import _common
+
+__all__ = ["mixblock_attention", "mixblock_attention_eager"]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int64, torch.int32)
+
+# Launch configuration (module globals so tests can force the multi-tile paths).
+MAX_ROW_BLOCK = 256          # GPU, fp16 / bf16: widest key row (forward, dq) / query column
+                             # (dk) in one tile: L = h * w <= 256 takes the whole-row path
+MAX_ROW_BLOCK_FP32 = 64      # GPU, fp32: IEEE dots are register-hungry, longer rows loop
+INTERP_MAX_ROW_BLOCK = 64    # interpreter: smaller, so h = w = 14 (L = 196) loops over tiles
+INTERP_BLOCK_M = 32          # interpreter: fixed tile sizes (>= 16 for every tl.dot dim);
+INTERP_BLOCK_D = (16, 32)    # BLOCK_D for D < 64 / D >= 64: D = 24 takes two chunks (masked
+                             # tail), D = 128 four
+# GPU autotune pruning: per-thread element budgets (see _prune)
+SCORE_REGS_LOWP, OPERAND_REGS_LOWP = 48, 48
+SCORE_REGS_FP32, OPERAND_REGS_FP32 = 16, 20
+
+_LOG2E = 1.4426950408889634
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dot(a, b, acc, LOWP: tl.constexpr):
+    if LOWP:
+        return tl.dot(a, b, acc)
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _load_rows(base, bias_ptr, offs_r, r_ok, offs_d, d_ok, D,
+               HAS_BIAS: tl.constexpr, LOWP: tl.constexpr):
+    """Rows ``offs_r`` x columns ``offs_d`` of a contiguous [L, D] matrix plus a [D] bias.
+
+    fp32 unless LOWP (then the input dtype, the bias added in fp32 first). Masked rows and
+    columns read 0 (+ bias); callers zero their probabilities."""
+    x = tl.load(base + offs_r[:, None] * D + offs_d[None, :],
+                mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    if LOWP:
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0)
+            x = (x.to(tl.float32) + b[None, :]).to(base.dtype.element_ty)
+    else:
+        x = x.to(tl.float32)
+        if HAS_BIAS:
+            b = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0)
+            x = x + b[None, :]
+    return x
+
+
+@triton.jit
+def _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
+            HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, LOWP: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Raw scores q[offs_m] @ k[offs_n]^T, [BLOCK_M, BLOCK_N] fp32, summed over D chunks."""
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        q = _load_rows(q_base, qb_ptr, offs_m, m_ok, offs_d, d_ok, D, HAS_QB, LOWP)
+        k = _load_rows(k_base, kb_ptr, offs_n, n_ok, offs_d, d_ok, D, HAS_KB, LOWP)
+        s = _dot(q, tl.trans(k), s, LOWP)
+    return s
+
+
+@triton.jit
+def _fwd_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr,
+                L, D, qk_scale,
+                HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
+                LOWP: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.load(idx_ptr + n).to(tl.int64)               # the partner sample
+    q_base = qk_ptr + n * L * D
+    k_base = qk_ptr + p * L * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    vb = 0.0
+    if HAS_VB:
+        vb = tl.load(vb_ptr).to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # running max (base 2)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of exp2 * vv
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        s = _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
+                    HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
+        s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))     # finite: every tile has a valid key
+        alpha = tl.exp2(m_i - m_new)
+        e = tl.exp2(s - m_new[:, None])
+        vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) + vb
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        acc = acc * alpha + tl.sum(e * vv[None, :], axis=1)
+        m_i = m_new
+    out = acc / l_i
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453            # natural log
+    tl.store(out_ptr + n * L + offs_m, out, mask=m_ok)
+    tl.store(lse_ptr + n * L + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_dq_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_ptr, lse_ptr,
+                   dq_ptr, L, D, qk_scale, scale,
+                   HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
+                   LOWP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_m = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.load(idx_ptr + n).to(tl.int64)
+    q_base = qk_ptr + n * L * D
+    k_base = qk_ptr + p * L * D
+    dq_base = dq_ptr + n * L * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < L
+    vb = 0.0
+    if HAS_VB:
+        vb = tl.load(vb_ptr).to(tl.float32)
+    lse2 = tl.load(lse_ptr + n * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    do = tl.load(do_ptr + n * L + offs_m, mask=m_ok, other=0.0)
+    delta = do * tl.load(out_ptr + n * L + offs_m, mask=m_ok, other=0.0)
+
+    for n0 in range(0, L, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < L
+        s = _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
+                    HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
+        pr = tl.exp2(s * qk_scale - lse2[:, None])
+        pr = tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
+        vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) + vb
+        ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
+        if LOWP:
+            ds = ds.to(qk_ptr.dtype.element_ty)
+        # This program alone owns dq[n, offs_m, :]: the first key tile stores, later ones
+        # add to what it stored (after a barrier, so every thread sees the CTA's writes).
+        tl.debug_barrier()
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            k = _load_rows(k_base, kb_ptr, offs_n, n_ok, offs_d, d_ok, D, HAS_KB, LOWP)
+            ptrs = dq_base + offs_m[:, None] * D + offs_d[None, :]
+            mask = m_ok[:, None] & d_ok[None, :]
+            prev = tl.load(ptrs, mask=mask & (n0 > 0), other=0.0)
+            tl.store(ptrs, _dot(ds, k, prev, LOWP), mask=mask)
+
+
+@triton.jit
+def _bwd_dk_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_ptr, lse_ptr,
+                   dk_ptr, dvv_ptr, L, D, qk_scale, scale,
+                   HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
+                   COMPUTE_DK: tl.constexpr, LOWP: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.load(idx_ptr + n).to(tl.int64)
+    q_base = qk_ptr + n * L * D
+    k_base = qk_ptr + p * L * D
+    dk_base = dk_ptr + n * L * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < L
+    vb = 0.0
+    if HAS_VB:
+        vb = tl.load(vb_ptr).to(tl.float32)
+    vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) + vb
+
+    dvv = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(0, L, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < L
+        lse2 = tl.load(lse_ptr + n * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+        do = tl.load(do_ptr + n * L + offs_m, mask=m_ok, other=0.0)
+        delta = do * tl.load(out_ptr + n * L + offs_m, mask=m_ok, other=0.0)
+        s = _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
+                    HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
+        pr = tl.exp2(s * qk_scale - lse2[:, None])
+        pr = tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
+        dvv += tl.sum(pr * do[:, None], axis=0)
+        if COMPUTE_DK:
+            ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
+            if LOWP:
+                ds = ds.to(qk_ptr.dtype.element_ty)
+            dst = tl.trans(ds)                           # [BLOCK_N, BLOCK_M]
+            tl.debug_barrier()                           # see _bwd_dq_kernel
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                d_ok = offs_d < D
+                q = _load_rows(q_base, qb_ptr, offs_m, m_ok, offs_d, d_ok, D, HAS_QB, LOWP)
+                ptrs = dk_base + offs_n[:, None] * D + offs_d[None, :]
+                mask = n_ok[:, None] & d_ok[None, :]
+                prev = tl.load(ptrs, mask=mask & (m0 > 0), other=0.0)
+                tl.store(ptrs, _dot(dst, q, prev, LOWP), mask=mask)
+    tl.store(dvv_ptr + n * L + offs_n, dvv, mask=n_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration: fixed tiles under the interpreter, a small autotune on a GPU
+# --------------------------------------------------------------------------------------------
+def _row_block(L, lowp):
+    """The tile along the looped-over axis: the whole (padded) row when it fits."""
+    if _common.interpreting():
+        cap = INTERP_MAX_ROW_BLOCK
+    else:
+        cap = MAX_ROW_BLOCK if lowp else MAX_ROW_BLOCK_FP32
+    return max(16, min(triton.next_power_of_2(L), cap))
+
+
+def _prune(tile_name, fixed_name):
+    """Configs worth timing for this (L, D, dtype).
+
+    BLOCK_D no wider than the padded D, the tile no wider than the padded L, and a per-thread
+    register budget: fp32 score elements (tile x fixed / threads) and operand elements of
+    one D step ((tile + fixed) x BLOCK_D / threads). The budgets come from compiling every
+    candidate for sm_90 and keeping the ones ptxas did not spill (fp32 IEEE dots run on the
+    FMA units and need far more registers than bf16 / fp16 tensor-core dots)."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        L, D, fixed = args["L"], args["D"], args[fixed_name]
+        score_budget, operand_budget = ((SCORE_REGS_LOWP, OPERAND_REGS_LOWP) if args["LOWP"]
+                                        else (SCORE_REGS_FP32, OPERAND_REGS_FP32))
+        d_cap = max(16, triton.next_power_of_2(D))
+        tile_cap = max(16, triton.next_power_of_2(L))
+        keep = []
+        for c in configs:
+            tile, bd, threads = c.kwargs[tile_name], c.kwargs["BLOCK_D"], 32 * c.num_warps
+            if bd > d_cap or tile > tile_cap:
+                continue
+            if tile * fixed > score_budget * threads:
+                continue
+            if (tile + fixed) * bd > operand_budget * threads:
+                continue
+            keep.append(c)
+        return keep or [min(configs, key=lambda c: (c.kwargs[tile_name], c.kwargs["BLOCK_D"],
+                                                    -c.num_warps))]
+    return prune
+
+
+def _configs(tile_name):
+    return [triton.Config({tile_name: t, "BLOCK_D": bd}, num_warps=w, num_stages=2)
+            for t in (16, 32, 64) for bd in (16, 32, 64) for w in (4, 8)]
+
+
+if _common.interpreting():
+    _fwd_launch = _fwd_kernel
+    _dq_launch = _bwd_dq_kernel
+    _dk_launch = _bwd_dk_kernel
+else:  # pragma: no cover - GPU only
+    # Every kernel writes each output element before (possibly) reading it back, so the
+    # autotuner's repeated runs need no reset.
+    _fwd_launch = triton.autotune(_configs("BLOCK_M"), key=["L", "D", "BLOCK_N"],
+                                  prune_configs_by={"early_config_prune":
+                                                    _prune("BLOCK_M", "BLOCK_N")})(_fwd_kernel)
+    _dq_launch = triton.autotune(_configs("BLOCK_M"), key=["L", "D", "BLOCK_N"],
+                                 prune_configs_by={"early_config_prune":
+                                                   _prune("BLOCK_M", "BLOCK_N")})(_bwd_dq_kernel)
+    _dk_launch = triton.autotune(_configs("BLOCK_N"), key=["L", "D", "BLOCK_M"],
+                                 prune_configs_by={"early_config_prune":
+                                                   _prune("BLOCK_N", "BLOCK_M")})(_bwd_dk_kernel)
+
+
+def _interp_meta(tile_name, D):
+    return {tile_name: INTERP_BLOCK_M, "BLOCK_D": INTERP_BLOCK_D[0 if D < 64 else 1]}
+
+
+def _grid(L, N, tile_name):
+    if _common.interpreting():
+        return (triton.cdiv(L, INTERP_BLOCK_M), N)
+    return lambda meta: (triton.cdiv(L, meta[tile_name]), N)
+
+
+def _launch_forward(qk, v, index, qb, kb, vb, scale):
+    N, L, D = qk.shape
+    dev = qk.device
+    out = _common.empty((N, L), torch.float32, dev)
+    lse = _common.empty((N, L), torch.float32, dev)
+    lowp = qk.dtype != torch.float32 and not _common.interpreting()
+    meta = _interp_meta("BLOCK_M", D) if _common.interpreting() else {}
+    _fwd_launch[_grid(L, N, "BLOCK_M")](
+        qk, v, index, qb if qb is not None else out, kb if kb is not None else out,
+        vb if vb is not None else out, out, lse, L, D, float(scale) * _LOG2E,
+        HAS_QB=qb is not None, HAS_KB=kb is not None, HAS_VB=vb is not None, LOWP=lowp,
+        BLOCK_N=_row_block(L, lowp), **meta)
+    return out, lse
+
+
+def _launch_backward(qk, v, index, qb, kb, vb, out, lse, dout, scale, need_dq, need_dk):
+    N, L, D = qk.shape
+    dev = qk.device
+    lowp = qk.dtype != torch.float32 and not _common.interpreting()
+    flags = dict(HAS_QB=qb is not None, HAS_KB=kb is not None, HAS_VB=vb is not None,
+                 LOWP=lowp)
+    qb_, kb_, vb_ = (x if x is not None else out for x in (qb, kb, vb))
+    qk_scale = float(scale) * _LOG2E
+    dq = None
+    if need_dq:
+        dq = _common.empty((N, L, D), torch.float32, dev)
+        meta = _interp_meta("BLOCK_M", D) if _common.interpreting() else {}
+        _dq_launch[_grid(L, N, "BLOCK_M")](
+            qk, v, index, qb_, kb_, vb_, out, dout, lse, dq, L, D, qk_scale, float(scale),
+            BLOCK_N=_row_block(L, lowp), **flags, **meta)
+    dvv = _common.empty((N, L), torch.float32, dev)
+    dk = _common.empty((N, L, D), torch.float32, dev) if need_dk else None
+    meta = _interp_meta("BLOCK_N", D) if _common.interpreting() else {}
+    _dk_launch[_grid(L, N, "BLOCK_N")](
+        qk, v, index, qb_, kb_, vb_, out, dout, lse, dk if need_dk else dvv, dvv,
+        L, D, qk_scale, float(scale), COMPUTE_DK=need_dk,
+        BLOCK_M=_row_block(L, lowp), **flags, **meta)
+    return dq, dk, dvv
+
+
+class _MixBlockAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qk, v, index, q_bias, k_bias, v_bias, scale):
+        # The biases arrive as contiguous fp32 (v_bias: 0-d) tensors on qk's device, or None.
+        out, lse = _launch_forward(qk, v, index, q_bias, k_bias, v_bias, scale)
+        ctx.save_for_backward(qk, v, index, q_bias, k_bias, v_bias, out, lse)
+        ctx.scale = scale
+        ctx.v_dtype = v.dtype
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        qk, v, index, qb, kb, vb, out, lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_dq = need[0] or need[3]
+        need_dk = need[0] or need[4]
+        need_dv = need[1] or need[5]
+        if not (need_dq or need_dk or need_dv):
+            return (None,) * 7
+        dout = dout.to(torch.float32).contiguous()
+        dq, dk, dvv = _launch_backward(qk, v, index, qb, kb, vb, out, lse, dout, ctx.scale,
+                                       need_dq, need_dk)
+        g_qk = g_v = g_qb = g_kb = g_vb = None
+        if need[3]:
+            g_qb = dq.sum((0, 1))
+        if need[4]:
+            g_kb = dk.sum((0, 1))
+        if need[5]:
+            g_vb = dvv.sum()
+        if need[0]:
+            dq.index_add_(0, index, dk)          # dq is ours: accumulate in place
+            g_qk = dq.to(qk.dtype)
+        if need[1]:
+            g_v = _common.empty(v.shape, torch.float32, v.device).zero_()  # index_add target
+            g_v.index_add_(0, index, dvv)
+            g_v = g_v.to(ctx.v_dtype)
+        return g_qk, g_v, None, g_qb, g_kb, g_vb, None
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks (host metadata only: never reads tensor values)
+# --------------------------------------------------------------------------------------------
+def _shape(x):
+    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def _check_args(qk, v, index, q_bias, k_bias, v_bias, scale):
+    if not isinstance(qk, torch.Tensor):
+        raise TypeError(f"qk must be a torch.Tensor [N, L, D], got {type(qk).__name__}")
+    if qk.dim() != 3:
+        raise ValueError(f"qk must be 3-D [N, L, D], got shape {tuple(qk.shape)}")
+    if qk.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"qk must be float32, float16 or bfloat16, got {qk.dtype}")
+    N, L, D = qk.shape
+    if L == 0 or D == 0:
+        raise ValueError(f"qk must have L > 0 and D > 0, got shape {tuple(qk.shape)}")
+    dev = qk.device
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"v must be a torch.Tensor [N, L], got {type(v).__name__}")
+    if v.dim() != 2 or tuple(v.shape) != (N, L):
+        raise ValueError(f"v must have shape [N, L] = [{N}, {L}] to match qk, "
+                         f"got {tuple(v.shape)}")
+    if v.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"v must be float32, float16 or bfloat16, got {v.dtype}")
+    if v.device != dev:
+        raise ValueError(f"v is on {v.device} but qk is on {dev}")
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor [N] of sample indices, "
+                        f"got {type(index).__name__}")
+    if index.dtype not in _INDEX_DTYPES:
+        raise TypeError(f"index must be an int64 (or int32) tensor, got {index.dtype}")
+    if index.dim() != 1 or index.shape[0] != N:
+        raise ValueError(f"index must have shape [N] = [{N}] to match qk, "
+                         f"got {tuple(index.shape)}")
+    if index.device != dev:
+        raise ValueError(f"index is on {index.device} but qk is on {dev}")
+    for name, b in (("q_bias", q_bias), ("k_bias", k_bias)):
+        if b is None:
+            continue
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{name} must be None or a [D] tensor, got {type(b).__name__}")
+        if tuple(b.shape) != (D,):
+            raise ValueError(f"{name} must have shape [D] = [{D}], got {tuple(b.shape)}")
+        if not b.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {b.dtype}")
+        if b.device != dev:
+            raise ValueError(f"{name} is on {b.device} but qk is on {dev}")
+    if v_bias is not None:
+        if isinstance(v_bias, torch.Tensor):
+            if v_bias.dim() != 0:
+                raise ValueError(f"v_bias must be None, a Python float or a 0-d tensor, "
+                                 f"got a tensor of shape {tuple(v_bias.shape)}")
+            if not v_bias.is_floating_point():
+                raise TypeError(f"v_bias must be floating point, got {v_bias.dtype}")
+            if v_bias.device != dev and v_bias.device.type != "cpu":
+                raise ValueError(f"v_bias is on {v_bias.device} but qk is on {dev}")
+        elif isinstance(v_bias, bool) or not isinstance(v_bias, numbers.Real):
+            raise TypeError(f"v_bias must be None, a Python float or a 0-d tensor, "
+                            f"got {type(v_bias).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be None or a Python float, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+def _scale(scale, D):
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None):
+    """Fused Mix Block attention ``softmax((qk + q_bias) (qk[index] + k_bias)^T * scale)
+    @ (v[index] + v_bias)`` per sample; returns [N, L] float32.
+
+    Args:
+        qk: [N, L, D] float32 / float16 / bfloat16, CUDA (or CPU under TRITON_INTERPRET=1);
+            the shared query/key projection. Non-contiguous views are copied.
+        v: [N, L] float (value projection, width 1), same device.
+        index: [N] int64 (or int32) partner of each sample, values in [0, N) (not checked:
+            the caller's contract; no host sync). Need not be a permutation.
+        q_bias, k_bias: [D] float tensors or None.
+        v_bias: 0-d tensor, Python float or None.
+        scale: Python float; default 1 / sqrt(D).
+
+    Differentiable w.r.t. qk, v and the bias tensors (grads in their dtypes); index gets none.
+    """
+    _check_args(qk, v, index, q_bias, k_bias, v_bias, scale)
+    if qk.device.type != "cuda" and not _common.interpreting():
+        raise ValueError(f"mixblock_attention runs Triton kernels: qk must be on a CUDA device "
+                         f"(got {qk.device}; set TRITON_INTERPRET=1 for CPU)")
+    N, L, D = qk.shape
+    if N == 0:
+        return mixblock_attention_eager(qk, v, index, q_bias, k_bias, v_bias, scale)
+    dev = qk.device
+    s = _scale(scale, D)
+    # Autograd flows through these conversions, so bias grads come back in their dtypes.
+    qb = q_bias.to(torch.float32).contiguous() if q_bias is not None else None
+    kb = k_bias.to(torch.float32).contiguous() if k_bias is not None else None
+    vb = _common.scalar_tensor(v_bias, dev) if v_bias is not None else None
+    qk_c, v_c, idx = qk.contiguous(), v.contiguous(), index.contiguous()
+    if torch.is_grad_enabled() and any(
+            x is not None and x.requires_grad for x in (qk_c, v_c, qb, kb, vb)):
+        return _MixBlockAttention.apply(qk_c, v_c, idx, qb, kb, vb, s)
+    out, _ = _launch_forward(qk_c, v_c, idx, qb, kb, vb, s)
+    return out
+
+
+def mixblock_attention_eager(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None):
+    """The PyTorch twin and reference: gathers ``qk[index]`` and materialises P; fp32."""
+    _check_args(qk, v, index, q_bias, k_bias, v_bias, scale)
+    s = _scale(scale, qk.shape[2])
+    q = qk.float()
+    k = qk[index].float()
+    vv = v[index].float()
+    if q_bias is not None:
+        q = q + q_bias.float()
+    if k_bias is not None:
+        k = k + k_bias.float()
+    if v_bias is not None:
+        if isinstance(v_bias, torch.Tensor):
+            v_bias = v_bias.to(device=vv.device, dtype=torch.float32)
+        vv = vv + v_bias
+    attn = torch.bmm(q, k.transpose(1, 2)) * s          # [N, L, L]
+    attn = attn.softmax(dim=-1)                          # over the partner's positions
+    return torch.bmm(attn, vv.unsqueeze(-1)).squeeze(-1)
