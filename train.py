@@ -30,11 +30,11 @@ PRESETS = {
     "fashion-mnist-r18": dict(dataset="fashion-mnist", arch="resnet18_cifar", epochs=100,
                               batch_size=100, lr=0.1, min_lr=0.05, weight_decay=1e-4,
                               ema_end=0.999999),
-    # A short CPU run (2 cores, < 10 min): a quarter-width ResNet-10 on a Fashion-MNIST subset.
-    # The EMA starts at 0.99 rather than 0.999 so the momentum encoder keeps up in ~1k steps.
-    "cpu-small": dict(dataset="fashion-mnist", arch="resnet_small", epochs=4, batch_size=100,
-                      train_subset=15000, lr=0.1, min_lr=0.05, weight_decay=1e-4,
-                      ema_momentum=0.99, ema_end=0.999),
+    # A short CPU run (2 cores, < 10 min): a quarter-width ResNet-10, 3 epochs of Fashion-MNIST.
+    # Short-run deviations from the 400-epoch recipe: cosine to 0 (not 0.05), and an EMA from
+    # 0.99 to 0.999 so the momentum encoder keeps up within 1.8k steps.
+    "cpu-small": dict(dataset="fashion-mnist", arch="resnet_small", epochs=3, batch_size=100,
+                      lr=0.1, min_lr=0.0, weight_decay=1e-4, ema_momentum=0.99, ema_end=0.999),
 }
 
 

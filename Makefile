@@ -1,0 +1,47 @@
+# fastmix: the two commands of the README.
+#   make train   set up, then run the main job (AutoMix on Fashion-MNIST; a short CPU preset without a GPU)
+#   make test    set up, then run the whole test suite
+# Set-up is idempotent: a venv in .venv, torch (the CPU build on machines without a GPU),
+# fastmix with its test extras, and Fashion-MNIST from Debian's dataset-fashion-mnist.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+# Without a GPU: the 754 MiB CPU build of torch and the Triton interpreter (environment.md).
+TORCH_SPEC  ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+TRITON_SPEC ?= $(if $(HAS_GPU),,triton==3.7.1)
+TRAIN_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: train test setup data bench clean
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TRITON_SPEC)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null \
+	  || { echo "could not install dataset-fashion-mnist: install it, or pass --data-dir to train.py"; exit 1; }; \
+	fi
+
+train: setup data
+	$(PY) train.py --out runs/main $(TRAIN_ARGS)
+
+test: setup data
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) bench/kernels.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info
