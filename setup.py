@@ -16,7 +16,7 @@ setup(
     packages=["fastmix", "fastmix.data", "fastmix.kernels"],
     package_dir={"fastmix": "fastmix", "fastmix.kernels": "kernels"},
     py_modules=[],
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark", "triton>=3.6,<3.9", "numpy", "pillow"],
         "dali": ["nvidia-dali-cuda130"],

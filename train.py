@@ -16,7 +16,7 @@ import sys
 
 from fastmix.backbones import ARCH_NAMES
 from fastmix.data import DATASETS, DatasetError
-from fastmix.engine import METHODS, Config, resolve_device, train
+from fastmix.engine import METHODS, CheckpointError, Config, resolve_device, train
 
 # Recipes from the spec's configs (§3). AutoMix on CIFAR: lr 0.1 -> 0.05 for everything,
 # EMA 0.999 -> 0.999999; baselines would use min_lr 0 (pass --min-lr 0).
@@ -78,6 +78,17 @@ def parser():
     a("--seed", type=int, help=f"random seed (default {d.seed})")
     a("--out", help=f"output folder for metrics.jsonl and summary.json (default {d.out})")
     a("--eager", action="store_true", default=None, help="eager PyTorch ops instead of the fused Triton kernels")
+    a("--amp", choices=("auto", "bf16", "fp16", "none"), help="autocast precision (default auto: bf16 on CUDA, none on CPU; fp16 adds a GradScaler)")
+    a("--channels-last", type=_bool, metavar="BOOL", help="channels-last memory format end to end (default: on for CUDA)")
+    a("--compile", dest="compile", action="store_true", default=None, help="torch.compile the backbones (default on CUDA)")
+    a("--no-compile", dest="compile", action="store_false", help="do not torch.compile")
+    a("--optimizer-impl", choices=("torch", "apex"), help="torch SGD (fused=True on CUDA; default) or apex FusedSGD (needs apex)")
+    a("--k-early-exit", action="store_true", default=None, help="AutoMix: the momentum encoder's clean pass stops at stage 3 (changes its stage-4 BN statistics; see README)")
+    a("--resume", nargs="?", const="auto", help="resume from a checkpoint (no value: OUT/last.pt)")
+    a("--checkpoint-every", type=int, help="also write OUT/last.pt every N steps inside an epoch (default: end of each epoch only)")
+    a("--grid-every", type=int, help="AutoMix: save a mixed-sample PNG grid every N epochs (default 0: never)")
+    a("--export", metavar="PATH", help="after training, write the classifier (encoder + head) as a plain state dict")
+    a("--export-head", choices=("one_k", "mix_k", "one_q", "mix_q"), help="AutoMix head to export (default one_k)")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     return p
 
@@ -108,12 +119,14 @@ def main(argv=None):
         p.error(f"--epochs must be positive, got {cfg.epochs}")
     if cfg.batch_size <= 0:
         p.error(f"--batch-size must be positive, got {cfg.batch_size}")
+    if cfg.checkpoint_every < 0 or cfg.grid_every < 0:
+        p.error("--checkpoint-every and --grid-every must be non-negative")
     if args.print_config:
         print(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
         return 0
     try:
         summary = train(cfg)
-    except DatasetError as e:
+    except (DatasetError, CheckpointError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("method", "reported_head", "reported_top1_final",

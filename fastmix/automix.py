@@ -41,7 +41,7 @@ class AutoMix(MixMethod):
                  momentum_warmup=0.1, mask_loss_weight=0.1, mask_loss_mode="L1",
                  mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
                  upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
-                 head_weights=None, seed=None, fused=None):
+                 head_weights=None, k_early_exit=False, seed=None, fused=None):
         super().__init__(num_classes, alpha=alpha, label_smoothing=label_smoothing, seed=seed,
                          fused=fused)
         if not isinstance(getattr(backbone, "out_channels", None), (tuple, list)) or \
@@ -55,6 +55,12 @@ class AutoMix(MixMethod):
         self.mask_loss_weight = mask_loss_weight
         self.lam_margin = max(lam_margin, 0.0)
         self.mix_shuffle_no_repeat = mix_shuffle_no_repeat
+        # Opt-in deviation: the momentum encoder's clean pass stops at stage 3 (its only use).
+        # Its stage-4 BN running statistics then see only the Mix Block's mixed images.
+        self.k_early_exit = k_early_exit
+        if k_early_exit and "stop_at_stage3" not in backbone.forward.__code__.co_varnames:
+            raise ValueError("k_early_exit needs a backbone whose forward takes stop_at_stage3 "
+                             "(the fastmix ResNets)")
         self.head_weights = dict(mix_q=1.0, one_q=1.0, mix_k=1.0)
         self.head_weights.update(head_weights or {})
 
@@ -81,7 +87,7 @@ class AutoMix(MixMethod):
         mixup_fallback = lam_bb <= self.lam_margin or lam_bb >= 1 - self.lam_margin
 
         with torch.no_grad():
-            z = self.backbone_k(x)[0]
+            z = (self.backbone_k(x, stop_at_stage3=True) if self.k_early_exit else self.backbone_k(x))[0]
         if use_fused(x, self.fused):
             x_mb, x_bb, m_mb = self._mix_fused(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback)
         else:

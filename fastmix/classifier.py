@@ -58,6 +58,10 @@ class MixMethod(nn.Module):
         if y.device != x.device:
             raise ValueError(f"labels are on {y.device} but images are on {x.device}")
 
+    def forward(self, x, y):
+        """``forward_train``: so DDP (which hooks ``forward``) wraps the training step."""
+        return self.forward_train(x, y)
+
     def after_step(self, step, total_steps):
         pass
 

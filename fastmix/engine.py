@@ -4,10 +4,12 @@ Reads top to bottom: ``build_model`` -> ``build_optimizer`` -> ``train`` (epochs
 ``train_one_epoch`` and ``evaluate``), writing ``OUT/metrics.jsonl`` (one JSON object per
 epoch) and ``OUT/summary.json``.
 """
+import contextlib
 import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -53,6 +55,16 @@ class Config:
     seed: int = 0
     out: str = "runs/default"
     eager: bool = False
+    amp: str = "auto"             # bf16 | fp16 | none | auto (bf16 on CUDA, none on CPU)
+    channels_last: bool = None    # None: on for CUDA
+    compile: bool = None          # torch.compile the backbones; None: on for CUDA
+    optimizer_impl: str = "torch"  # torch (fused=True on CUDA) | apex (FusedSGD)
+    k_early_exit: bool = False
+    resume: str = None            # a checkpoint path, or "auto" for OUT/last.pt
+    checkpoint_every: int = 0     # also checkpoint every N steps inside an epoch (0: epochs only)
+    grid_every: int = 0           # save a mixed-sample PNG grid every N epochs (AutoMix)
+    export: str = None            # write the chosen classifier as a plain state dict here
+    export_head: str = None       # AutoMix head to export (default one_k)
     progress: bool = True
     log_every: int = 50
     extra: dict = field(default_factory=dict)
@@ -70,7 +82,7 @@ def resolve_device(name):
     return device
 
 
-def build_model(cfg: Config, in_chans, num_classes):
+def build_model(cfg: Config, in_chans, num_classes, seed=None):
     if cfg.method not in METHODS:
         raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
     alpha = DEFAULT_ALPHA[cfg.method] if cfg.alpha is None else cfg.alpha
@@ -82,12 +94,14 @@ def build_model(cfg: Config, in_chans, num_classes):
                        mask_loss_mode=cfg.mask_loss_mode, lam_margin=cfg.lam_margin,
                        lam_concat=cfg.lam_concat, upsample=cfg.upsample,
                        mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
-                       label_smoothing=cfg.label_smoothing, seed=cfg.seed, fused=fused)
+                       label_smoothing=cfg.label_smoothing, k_early_exit=cfg.k_early_exit,
+                       seed=cfg.seed if seed is None else seed, fused=fused)
     return MixupClassifier(backbone, num_classes, method=cfg.method, alpha=alpha,
-                           label_smoothing=cfg.label_smoothing, seed=cfg.seed, fused=fused)
+                           label_smoothing=cfg.label_smoothing,
+                           seed=cfg.seed if seed is None else seed, fused=fused)
 
 
-def build_optimizer(cfg: Config, model):
+def build_optimizer(cfg: Config, model, fused=False):
     """SGD with two parameter groups: the Mix Block (its own lr schedule, spec §2.3) and the rest.
 
     Frozen parameters (the momentum encoder and its heads) are left out. Weight decay applies
@@ -105,7 +119,18 @@ def build_optimizer(cfg: Config, model):
                            momentum=cfg.momentum if cfg.mb_momentum is None else cfg.mb_momentum))
     for g in groups:
         g["lr"] = g["base_lr"]
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer_impl == "apex":
+        try:
+            from apex.optimizers import FusedSGD
+        except ImportError as e:
+            raise ValueError("--optimizer-impl apex needs NVIDIA apex, which is not importable "
+                             "here; use --optimizer-impl torch (fused=True on CUDA)") from e
+        return FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer_impl != "torch":
+        raise ValueError(f"optimizer_impl must be torch or apex, got {cfg.optimizer_impl!r}")
+    # fused=True: one multi-tensor kernel for the whole update on CUDA.
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           fused=True if fused else None)
 
 
 def set_epoch_lr(optimizer, epoch, epochs):
@@ -115,8 +140,8 @@ def set_epoch_lr(optimizer, epoch, epochs):
 
 
 @torch.no_grad()
-def evaluate(model, loader):
-    """Top-1 accuracy (%) of every head of ``model`` on ``loader``."""
+def evaluate(model, loader, world=1):
+    """Top-1 accuracy (%) of every head of ``model`` on ``loader`` (summed over ranks)."""
     model.eval()
     correct, total, names = None, 0, None
     for x, y in loader:
@@ -126,37 +151,58 @@ def evaluate(model, loader):
         correct = hits if correct is None else correct + hits
         total += y.shape[0]
     model.train()
+    if world > 1:
+        import torch.distributed as dist
+        counts = torch.cat([correct.double(), torch.tensor([total], dtype=torch.float64,
+                                                            device=correct.device)])
+        dist.all_reduce(counts)
+        correct, total = counts[:-1], counts[-1].item()
     return {k: 100.0 * float(c) / total for k, c in zip(names, correct.tolist())}
 
 
-def train_one_epoch(model, optimizer, loader, step, total_steps, progress=None, log_every=50):
+def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_steps, cfg, device,
+                    progress=None, skip=0, partial=None, checkpoint=None):
     """One epoch; returns (next step, mean of every logged value, images/s).
 
-    Nothing is read from the device inside the step: logged values are summed on the device
-    and read at the end of the epoch (and every ``log_every`` steps for the progress bar).
+    ``step_model`` is ``model`` or its DDP wrapper. Nothing is read from the device inside the
+    step: logged values are summed on the device and read at the end of the epoch (and every
+    ``cfg.log_every`` steps for the progress bar). On resume, the first ``skip`` batches are
+    drawn (so the loader's random streams advance exactly as before) but not trained on.
     """
     model.train()
-    sums, count, images = {}, 0, 0
-    start = time.perf_counter()
-    for x, y in loader:
-        loss, logs = model.forward_train(x, y)
+    sums = {k: v.to(device) for k, v in partial["sums"].items()} if partial else {}
+    count = partial["count"] if partial else 0
+    images, elapsed, start = 0, 0.0, time.perf_counter()
+    for batch, (x, y) in enumerate(loader):
+        if batch < skip:
+            continue
+        with autocast_context(cfg, device):
+            loss, logs = step_model(x, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         model.after_step(step, total_steps)
         step += 1
         count += 1
         images += x.shape[0]
         for k, v in logs.items():
+            # host floats (λ) become device scalars: a fill, not a sync
+            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
             sums[k] = sums[k] + v if k in sums else v
-        sums["loss"] = sums["loss"] + loss.detach() if "loss" in sums else loss.detach()
+        sums["loss"] = sums["loss"] + loss.detach().float() if "loss" in sums else loss.detach().float()
         if progress is not None:
             progress.update(1)
-            if count % log_every == 0:
+            if count % cfg.log_every == 0:
                 progress.set_postfix(loss=f"{float(sums['loss']) / count:.3f}")
-    if x.is_cuda:
+        if checkpoint is not None and step % cfg.checkpoint_every == 0 and batch + 1 < len(loader):
+            elapsed += time.perf_counter() - start
+            checkpoint(batch + 1, step, {"sums": {k: v.detach().cpu() for k, v in sums.items()},
+                                         "count": count})
+            start = time.perf_counter()
+    if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    elapsed += time.perf_counter() - start
     means = {k: float(v) / max(count, 1) for k, v in sums.items()}
     return step, means, images / max(elapsed, 1e-9)
 
@@ -180,52 +226,223 @@ def summarize(history, model, cfg, wall_time):
             "wall_time_s": wall_time, "config": asdict(cfg)}
 
 
+# ---- runtime: devices, precision, distributed ------------------------------------------------
+def init_distributed():
+    """``(rank, world, local_rank)``; joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend)
+    return rank, world, local
+
+
+def autocast_context(cfg, device):
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def resolve_runtime(cfg: Config, device):
+    """Fill the ``auto`` speed switches: all on for CUDA, all off on the CPU."""
+    cuda = device.type == "cuda"
+    if cfg.amp == "auto":
+        cfg.amp = "bf16" if cuda else "none"
+    if cfg.channels_last is None:
+        cfg.channels_last = cuda
+    if cfg.compile is None:
+        cfg.compile = cuda
+    if cfg.amp not in ("bf16", "fp16", "none"):
+        raise ValueError(f"amp must be bf16, fp16, none or auto, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and not cuda:
+        raise ValueError("--amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
+    return cfg
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+def atomic_save(obj, path):
+    """Write ``path`` so that a crash at any moment leaves either the old or the new file:
+    a temporary file in the same folder, flushed and fsync'ed, then renamed over the target."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or from another configuration."""
+
+
+def load_checkpoint(path):
+    """``torch.load(weights_only=True)``: a checkpoint can hold tensors and plain data only,
+    never code. Any read failure names the file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _rng_states(model):
+    state = {"torch": torch.get_rng_state(), "method": model.rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_states(model, state):
+    torch.set_rng_state(state["torch"])
+    model.load_rng_state(state["method"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def export_classifier(model, path, head=None):
+    """Write the chosen encoder + head as a plain state dict (backbone keys + ``fc.*``), loadable
+    into the matching ResNet (torchvision's for the ImageNet-stem archs) without fastmix."""
+    head = head or model.default_head
+    backbone, cls_head = (model.inference_model(head) if isinstance(model, AutoMix)
+                          else model.inference_model())
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    state.update({"fc." + k: v.detach().cpu().clone() for k, v in cls_head.fc.state_dict().items()})
+    atomic_save(state, path)
+    return head
+
+
+# ---- the loop --------------------------------------------------------------------------------
 def train(cfg: Config):
     """Train ``cfg`` end to end; returns the summary dict (also written to OUT/summary.json)."""
     if cfg.epochs <= 0:
         raise ValueError(f"epochs must be positive, got {cfg.epochs}")
+    rank, world, local = init_distributed()
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", local)
+    cfg = resolve_runtime(cfg, device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"
+    torch.manual_seed(cfg.seed + rank)  # per-rank permutations and λ, as on the official DDP
     train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True).subset(cfg.train_subset, cfg.seed)
     test_set = load_dataset(cfg.dataset, cfg.data_dir, train=False).subset(cfg.test_subset, cfg.seed)
-    train_loader = TensorLoader(train_set, cfg.batch_size, device, train=True, seed=cfg.seed)
-    test_loader = TensorLoader(test_set, max(cfg.batch_size, 256), device, train=False)
-    model = build_model(cfg, train_set.images.shape[1], train_set.num_classes).to(device)
-    optimizer = build_optimizer(cfg, model)
+    train_loader = TensorLoader(train_set, cfg.batch_size, device, train=True, seed=cfg.seed,
+                                channels_last=cfg.channels_last, shard=(rank, world))
+    test_loader = TensorLoader(test_set, max(cfg.batch_size, 256), device, train=False,
+                               channels_last=cfg.channels_last, shard=(rank, world))
+    model = build_model(cfg, train_set.images.shape[1], train_set.num_classes, seed=cfg.seed + rank)
+    model = model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg, model, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    total_steps = cfg.epochs * len(train_loader)
 
     os.makedirs(cfg.out, exist_ok=True)
+    if not os.access(cfg.out, os.W_OK):
+        raise PermissionError(f"output folder {cfg.out} is not writable")
+    ckpt_path = os.path.join(cfg.out, "last.pt")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-    open(metrics_path, "w").close()
-    total_steps = cfg.epochs * len(train_loader)
-    step, history, t0 = 0, [], time.perf_counter()
+    start_epoch, skip_batches, step, history, partial = 0, 0, 0, [], None
+    if cfg.resume:
+        state = load_checkpoint(ckpt_path if cfg.resume == "auto" else cfg.resume)
+        if state.get("world") != world:
+            raise CheckpointError(f"checkpoint was written by {state.get('world')} processes, "
+                                  f"this run has {world}")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, skip_batches, step = state["epoch"], state["batch"], state["step"]
+        history, partial = state["history"], state["partial"]
+        _set_rng_states(model, state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+    if rank == 0:
+        with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history on resume
+            f.writelines(json.dumps(r) + "\n" for r in history)
+
+    if cfg.compile:
+        for name in ("backbone_q", "backbone_k", "backbone"):
+            if hasattr(model, name):
+                getattr(model, name).compile()
+    step_model = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Per-GPU BatchNorm statistics (no SyncBN, no buffer broadcast), spec §6.11.
+        step_model = DDP(model, device_ids=[local] if device.type == "cuda" else None,
+                         broadcast_buffers=False)
+
+    def save(epoch, batch, step, sums):
+        rng = _rng_states(model)
+        if world > 1:
+            import torch.distributed as dist
+            gathered = [None] * world
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch,
+                         "step": step, "history": history, "partial": sums, "rng": rng,
+                         "world": world, "config": asdict(cfg)}, ckpt_path)
+
     progress = None
-    if cfg.progress:
+    if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
-        progress = tqdm(total=total_steps, unit="step", dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
+        progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, cfg.epochs):
         set_epoch_lr(optimizer, epoch, cfg.epochs)
         train_loader.set_epoch(epoch)
-        step, losses, ips = train_one_epoch(model, optimizer, train_loader, step, total_steps,
-                                            progress, cfg.log_every)
-        top1 = evaluate(model, test_loader)
+        step, losses, ips = train_one_epoch(
+            step_model, model, optimizer, scaler, train_loader, step, total_steps, cfg, device,
+            progress, skip=skip_batches, partial=partial,
+            checkpoint=(lambda b, st, sums, e=epoch: save(e, b, st, sums)) if cfg.checkpoint_every else None)
+        skip_batches, partial = 0, None
+        top1 = evaluate(model, test_loader, world)
         record = {"epoch": epoch + 1, "step": step,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                  "losses": losses, "top1": top1, "images_per_s": ips,
+                  "losses": losses, "top1": top1, "images_per_s": ips * world,
                   "elapsed_s": time.perf_counter() - t0}
         if isinstance(model, AutoMix):
             record["ema_momentum"] = model.ema_momentum(step - 1, total_steps)
         history.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if progress is not None:
-            progress.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {losses['loss']:.3f}  " +
-                           "  ".join(f"{k} {v:.2f}" for k, v in top1.items()) +
-                           f"  {ips:.0f} img/s")
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if progress is not None:
+                progress.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {losses['loss']:.3f}  " +
+                               "  ".join(f"{k} {v:.2f}" for k, v in top1.items()) +
+                               f"  {ips * world:.0f} img/s")
+            if cfg.grid_every and (epoch + 1) % cfg.grid_every == 0 and isinstance(model, AutoMix):
+                from fastmix.visualize import save_mix_grid
+                save_mix_grid(model, test_set, os.path.join(cfg.out, f"mix_epoch{epoch + 1:04d}.png"),
+                              device, channels_last=cfg.channels_last)
+        save(epoch + 1, 0, step, None)
         if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}: {losses}")
+            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}: {losses}; "
+                                     f"resume from an earlier checkpoint with a lower lr")
     if progress is not None:
         progress.close()
     summary = summarize(history, model, cfg, time.perf_counter() - t0)
-    with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if rank == 0:
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if cfg.export:
+            summary["exported_head"] = export_classifier(model, cfg.export, cfg.export_head)
     return summary

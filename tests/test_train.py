@@ -19,7 +19,7 @@ def test_two_epochs_on_fashion_mnist_learn(method, tmp_path):
     assert os.path.exists(os.path.join(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz")), \
         "Fashion-MNIST missing: `make test` installs dataset-fashion-mnist"
     cfg = Config(method=method, arch="resnet_small", dataset="fashion-mnist", epochs=2,
-                 batch_size=50, lr=0.1, min_lr=0.0, train_subset=2000, test_subset=500,
+                 batch_size=32, lr=0.05, min_lr=0.0, train_subset=4000, test_subset=500,
                  ema_momentum=0.9, ema_end=0.99, device="cpu", out=str(tmp_path), progress=False)
     summary = train(cfg)
     lines = open(tmp_path / "metrics.jsonl").read().splitlines()
@@ -29,7 +29,8 @@ def test_two_epochs_on_fashion_mnist_learn(method, tmp_path):
     heads = {"automix": {"one_k", "mix_k", "one_q", "mix_q"}}.get(method, {"cls"})
     assert set(rec["top1"]) == heads
     assert set(summary["median_last10_top1"]) == heads and summary["reported_head"] in heads
-    # chance is 10%; 80 steps on 2000 images reach several times that (AutoMix ~45%, others ~65%)
+    # chance is 10%; 250 steps reach 43-62% (measured: automix 61.6 one_k, mixup 46.6,
+    # cutmix 43.4, vanilla 60.6)
     assert summary["reported_top1_final"] > 35, summary["final_top1"]
     assert json.load(open(tmp_path / "summary.json"))["reported_head"] == summary["reported_head"]
 

@@ -17,6 +17,8 @@ class TensorLoader:
     so an epoch's order does not depend on what ran before it), random crop with ``pad``
     (reflect) and horizontal flip; the last partial batch is dropped (``drop_last``).
     ``train=False``: fixed order, no augmentation, every sample once.
+    ``shard=(rank, world)``: every rank draws the same global permutation per epoch and takes
+    its ``rank::world`` slice, so ranks never overlap and all have the same number of batches.
     """
 
     def __init__(self, dataset, batch_size, device="cpu", train=True, pad=4, flip=True,
@@ -24,12 +26,19 @@ class TensorLoader:
                  shard=(0, 1)):
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        rank, world = shard
-        self.images = dataset.images[rank::world].to(device)
-        self.labels = dataset.labels[rank::world].to(device)
-        if train and batch_size > len(self.labels):
+        self.rank, self.world = shard
+        if not 0 <= self.rank < self.world:
+            raise ValueError(f"bad shard {shard}: need 0 <= rank < world")
+        if not train:  # evaluation: a fixed slice per rank
+            dataset = type(dataset)(dataset.images[self.rank::self.world],
+                                    dataset.labels[self.rank::self.world], dataset.num_classes,
+                                    dataset.mean, dataset.std, dataset.name)
+        self.images = dataset.images.to(device)
+        self.labels = dataset.labels.to(device)
+        self.per_rank = len(self.labels) // self.world if train else len(self.labels)
+        if train and batch_size > self.per_rank:
             raise ValueError(f"batch size {batch_size} is larger than the dataset "
-                             f"({len(self.labels)} samples on this rank)")
+                             f"({self.per_rank} samples per rank)")
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.train = train
@@ -45,7 +54,7 @@ class TensorLoader:
         self.std = torch.tensor(dataset.std, device=device).view(1, c, 1, 1) * 255
 
     def __len__(self):
-        n = len(self.labels)
+        n = self.per_rank
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def set_epoch(self, epoch):
@@ -55,7 +64,8 @@ class TensorLoader:
         if not self.train:
             return torch.arange(len(self.labels), device=self.device)
         g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch)
-        return torch.randperm(len(self.labels), device=self.device, generator=g)
+        perm = torch.randperm(len(self.labels), device=self.device, generator=g)
+        return perm[self.rank::self.world][:self.per_rank]
 
     def augment(self, x, g):
         """Random crop (reflect padding) and horizontal flip of a float batch, on its device."""
@@ -78,7 +88,8 @@ class TensorLoader:
         order = self._order()
         g = None
         if self.train:
-            g = torch.Generator(device=self.device).manual_seed(self.seed * 100003 + self.epoch + 7919)
+            g = torch.Generator(device=self.device).manual_seed(
+                self.seed * 100003 + self.epoch + 7919 * (self.rank + 1))
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx].float()

@@ -1,0 +1,577 @@
+"""ImageFolder data: ``ROOT/<split>/<class>/*.jpg`` through NVIDIA DALI or a PIL fallback.
+
+Both loaders present :class:`fastmix.data.TensorLoader`'s interface: iteration yields
+``(images [B, 3, S, S] normalised float, labels int64 [B])`` on the loader's device,
+``len()`` is the number of batches per epoch, ``set_epoch(epoch)``; plus ``num_classes``,
+``classes``, ``files``, ``labels``, ``skipped`` (``[(path, reason)]``) and ``num_skipped``.
+
+* :func:`scan_imagefolder` lists and checks the files before anything trains. It *refuses*
+  (:class:`DatasetError` naming the folder) a missing root or split, a split with no class
+  folders, a class folder with no images and train/val class lists that differ. It *skips and
+  counts* (one log line naming the first few, and ``ScanResult.skipped``) files that would crash
+  a decoder mid-epoch: zero-byte files, files whose bytes are not JPEG/PNG/BMP/WebP whatever
+  their name, and truncated files (see ``verify``). A file is dropped with its label, so no
+  image ever gets another's label; a class left with no valid image is refused.
+* :class:`DaliLoader`: ``fn.readers.file`` -> decode (``"mixed"``: nvJPEG on the GPU, or the CPU
+  decoder) -> RandomResizedCrop + flip (train) or resize + centre crop (val) ->
+  ``crop_mirror_normalize``. Everything decodes as RGB (grey, CMYK, palette and RGBA inputs
+  become 3 channels).
+* :class:`TorchvisionLoader`: the same pipeline as a ``torch.utils.data.Dataset`` decoded with
+  PIL (torchvision is not needed: its two transforms are re-implemented here in a few lines)
+  in ``DataLoader`` workers, normalised on the loader's device.
+* :func:`build_imagefolder_loader` picks one (``loader="auto"``: DALI when it imports and its
+  pipeline builds, else the PIL loader) and logs one line saying which and why.
+
+Augmentation (the ImageNet recipe of the spec): train = RandomResizedCrop(scale 0.08-1,
+ratio 3/4-4/3, bicubic) to ``size`` + horizontal flip p=0.5; val = resize the shorter side to
+``round(size * 256 / 224)`` (bicubic) + centre crop ``size``. Normalisation: ImageNet mean/std
+(pass ``mean``/``std`` for other data).
+
+Epoch order: train loaders reshuffle the whole file list every epoch with a permutation that
+is the same on every rank (seeded by ``seed``), and rank r takes its shard of it, so the ranks
+never overlap within an epoch and together see every file (DistributedSampler semantics);
+every rank has the same number of batches (its shard is padded by repeating files). The last
+partial batch is dropped in training; evaluation (``train=False``) reads every file of its
+shard exactly once, in sorted order, with a partial last batch.
+"""
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from fastmix.data.datasets import DatasetError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SPLITS = ("train", "val")
+LOADERS = ("auto", "dali", "torchvision")
+RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def log(msg):
+    """One line on stderr (seen without any logging set-up, also in DDP workers)."""
+    print(f"fastmix.data: {msg}", file=sys.stderr, flush=True)
+
+
+def val_resize(size):
+    """Shorter side before the centre crop: 256 for 224, in proportion otherwise."""
+    return int(round(size * 256 / 224))
+
+
+# ---- scanning and checking ------------------------------------------------------------------
+class ScanResult(tuple):
+    """``(files, labels, classes)``; ``.skipped`` lists ``(path, reason)`` of dropped files."""
+
+    def __new__(cls, files, labels, classes, skipped=(), root=None, split=None):
+        self = super().__new__(cls, (files, labels, classes))
+        self.skipped, self.root, self.split = list(skipped), root, split
+        return self
+
+    files = property(lambda self: self[0])
+    labels = property(lambda self: self[1])
+    classes = property(lambda self: self[2])
+
+
+def _class_dirs(split_dir):
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _is_image(name):
+    return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
+
+
+def _list_class(class_dir):
+    """Image files under ``class_dir`` (recursively, symlinks followed), sorted."""
+    out, others = [], 0
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if _is_image(f):
+                out.append(os.path.join(dirpath, f))
+            else:
+                others += 1
+    return out, others
+
+
+def _sniff(head):
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if head[:2] == b"BM":
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def check_image_file(path, mode="header"):
+    """``None`` if ``path`` looks decodable, else the reason it is not.
+
+    Always: the size is not zero and the first bytes are a JPEG, PNG, BMP or WebP signature
+    (the decoders sniff the content, not the extension, so a PNG named .jpg is fine).
+    ``mode="header"`` (cheap: two small reads) also wants the format's end marker near the end
+    of the file (JPEG EOI, PNG IEND) or, for BMP and WebP, the file size the header declares;
+    a file that fails this is decoded in full with PIL to decide (so a valid JPEG with trailing
+    bytes after EOI is kept, a truncated one is dropped). ``mode="full"`` decodes every file.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return "zero bytes"
+        with open(path, "rb") as f:
+            head = f.read(16)
+            kind = _sniff(head)
+            if kind is None:
+                return f"not a JPEG, PNG, BMP or WebP file (starts with {head[:8]!r})"
+            if mode != "full":
+                f.seek(max(0, size - 64))
+                tail = f.read()
+                if kind == "jpeg" and b"\xff\xd9" in tail:
+                    return None
+                if kind == "png" and b"IEND" in tail:
+                    return None
+                if kind == "bmp" and len(head) >= 6 and int.from_bytes(head[2:6], "little") <= size:
+                    return None
+                if kind == "webp" and int.from_bytes(head[4:8], "little") + 8 <= size:
+                    return None
+        from PIL import Image
+        with Image.open(path) as im:
+            im.load()   # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
+        return None
+    except Exception as e:  # any failure to read or decode means: do not train on it
+        return f"{type(e).__name__}: {e}"
+
+
+def scan_imagefolder(root, split, verify=True, check_splits=SPLITS, classes=None, subset=None,
+                     seed=0, workers=None, quiet=False):
+    """List ``root/split/<class>/*`` images; returns ``ScanResult(files, labels, classes)``.
+
+    Classes are the sub-folders of ``root/split`` sorted by name; label = index in that list.
+    Image files: extensions .jpg .jpeg .png .bmp .webp (any case), searched recursively;
+    other files are ignored. Raises :class:`DatasetError` (naming the folder) for a missing
+    root or split, no class folders, a class folder without images, a class list that differs
+    from the other split of ``check_splits`` present under ``root`` (or from ``classes``, when
+    given), or nothing valid left after checking.
+
+    Skipped with a count (never raised, never trained on): zero-byte files (always checked:
+    one stat each) and, when ``verify`` is on, undecodable files -- ``verify=True`` or
+    ``"header"``: the cheap check of :func:`check_image_file`; ``"full"``: decode every file
+    with PIL; ``False``: no content check (a bad file then stops training with an error).
+    ``subset=n`` keeps a random (``seed``) n files, picked before the content check.
+    """
+    root = os.fspath(root) if root is not None else None
+    if not root or not os.path.isdir(root):
+        raise DatasetError(f"ImageFolder root {root!r} does not exist or is not a folder "
+                           f"(expected ROOT/{split}/<class>/<image files>)")
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        present = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        raise DatasetError(f"ImageFolder split folder {split_dir} does not exist (folders in "
+                           f"{root}: {', '.join(present) or 'none'}); expected "
+                           f"{root}/{split}/<class>/<image files>")
+    found = _class_dirs(split_dir)
+    if not found:
+        raise DatasetError(f"{split_dir} has no class folders: expected {split_dir}/<class>/"
+                           f"<image files>, one sub-folder per class")
+    if classes is not None and list(classes) != found:
+        _raise_mismatch(split_dir, found, "the given class list", list(classes))
+    for other in check_splits or ():
+        other_dir = os.path.join(root, other)
+        if other != split and os.path.isdir(other_dir):
+            theirs = _class_dirs(other_dir)
+            if theirs != found:
+                _raise_mismatch(split_dir, found, other_dir, theirs)
+    files, labels, skipped = [], [], []
+    for label, name in enumerate(found):
+        listed, others = _list_class(os.path.join(split_dir, name))
+        if not listed:
+            extra = f" ({others} files with other extensions)" if others else ""
+            raise DatasetError(f"class folder {os.path.join(split_dir, name)} has no images{extra}: "
+                               f"every class needs at least one {'/'.join(IMG_EXTENSIONS)} file")
+        files += listed
+        labels += [label] * len(listed)
+    if subset is not None and subset < len(files):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(files))[:subset])
+        files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    mode = {True: "header", False: "size"}.get(verify, verify)
+    if mode not in ("size", "header", "full"):
+        raise ValueError(f"verify must be True, False, 'header' or 'full', got {verify!r}")
+    if mode == "size":
+        reasons = [None if os.path.getsize(f) else "zero bytes" for f in files]
+    else:
+        workers = workers or min(32, 4 * (os.cpu_count() or 1))
+        if len(files) < 256 or workers == 1:
+            reasons = [check_image_file(f, mode) for f in files]
+        else:  # I/O bound (and PIL decodes without the GIL): threads
+            with ThreadPoolExecutor(workers) as pool:
+                reasons = list(pool.map(lambda f: check_image_file(f, mode), files, chunksize=64))
+    if any(reasons):
+        kept = [i for i, r in enumerate(reasons) if r is None]
+        skipped = [(f, r) for f, r in zip(files, reasons) if r is not None]
+        files, labels = [files[i] for i in kept], [labels[i] for i in kept]
+        if not quiet:
+            shown = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+            more = f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+            log(f"{split_dir}: skipped {len(skipped)} unreadable image file(s) of "
+                f"{len(files) + len(skipped)}: {shown}{more}")
+        empty = sorted(set(range(len(found))) - set(labels))
+        if empty:
+            raise DatasetError(f"class folder(s) with no readable image after skipping bad files: "
+                               f"{', '.join(os.path.join(split_dir, found[c]) for c in empty)}")
+    return ScanResult(files, labels, found, skipped, root, split)
+
+
+def _raise_mismatch(split_dir, mine, other, theirs):
+    only_mine = sorted(set(mine) - set(theirs))
+    only_theirs = sorted(set(theirs) - set(mine))
+    detail = []
+    if only_mine:
+        detail.append(f"only in {split_dir}: {', '.join(only_mine)}")
+    if only_theirs:
+        detail.append(f"only in {other}: {', '.join(only_theirs)}")
+    raise DatasetError(f"class folders of {split_dir} and {other} differ ({'; '.join(detail)}): "
+                       f"labels are class indices in sorted order, so both splits need the same "
+                       f"class folders")
+
+
+# ---- shared loader plumbing -----------------------------------------------------------------
+def _resolve_device(device):
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _ImageFolderLoaderBase:
+    name = "?"
+
+    def _setup(self, root, split, batch_size, train, size, device, shard, seed, dtype,
+               channels_last, mean, std, scan, verify, subset):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if scan is None:
+            scan = scan_imagefolder(root, split, verify=verify, subset=subset, seed=seed)
+        self.files, self.labels, self.classes = list(scan[0]), list(scan[1]), list(scan[2])
+        self.skipped = list(getattr(scan, "skipped", []))
+        self.num_skipped = len(self.skipped)
+        self.num_classes = len(self.classes)
+        self.root, self.split = root, split
+        self.batch_size, self.train, self.size = batch_size, train, size
+        self.device = _resolve_device(device)
+        self.rank, self.world = rank, world
+        self.seed, self.epoch = seed, 0
+        self.dtype = dtype
+        self.channels_last = (self.device.type == "cuda") if channels_last is None else channels_last
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.drop_last = train
+        n = len(self.files)
+        # samples of this rank per epoch: train pads every shard to ceil(n / world), as
+        # DistributedSampler and DALI's pad_last_batch do; eval reads its own shard once
+        self.shard_size = math.ceil(n / world) if train else len(self._eval_shard(n))
+        if train and batch_size > self.shard_size:
+            raise ValueError(f"batch size {batch_size} is larger than the dataset "
+                             f"({self.shard_size} images on this rank)")
+
+    def _eval_shard(self, n):
+        """Contiguous block of rank r (DALI's sharding): [n*r//world, n*(r+1)//world)."""
+        return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def __len__(self):
+        if self.drop_last:
+            return self.shard_size // self.batch_size
+        return math.ceil(self.shard_size / self.batch_size)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def describe(self):
+        return (f"{self.name} loader, {self.split} {len(self.files)} images of {self.num_classes} "
+                f"classes ({self.num_skipped} skipped), shard {self.rank}/{self.world}, "
+                f"{len(self)} batches of {self.batch_size} at {self.size}px on {self.device}")
+
+
+# ---- DALI -----------------------------------------------------------------------------------
+def dali_available():
+    """``(True, version)`` or ``(False, why)``."""
+    try:
+        import nvidia.dali
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+        return True, nvidia.dali.__version__
+    except Exception as e:  # ImportError, or a broken install raising something else
+        return False, f"{type(e).__name__}: {e}"
+
+
+class DaliLoader(_ImageFolderLoaderBase):
+    """ImageFolder through a DALI pipeline; on CUDA decoding runs on the GPU (nvJPEG, "mixed").
+
+    ``device="cpu"`` runs a CPU-only pipeline (no GPU needed). Output layout: with
+    ``channels_last`` (default on CUDA) DALI writes HWC and the batch is handed to torch as
+    the NCHW permute of that NHWC tensor -- a channels-last tensor, no copy; otherwise DALI
+    writes CHW (contiguous NCHW). DALI emits float16 or float32; bfloat16 is converted from
+    float32 (keeping the memory format). ``num_workers`` = DALI CPU threads.
+
+    Shuffling: ``shuffle_after_epoch`` (not the reader's ``random_shuffle``, which only
+    shuffles inside a 1024-sample buffer of each shard): a global reshuffle every epoch,
+    the same on all ranks (``shuffle_after_epoch_seed=seed``), each rank reading its contiguous
+    shard of it; ``pad_last_batch`` gives all ranks the same number of batches. The order is a
+    function of ``seed`` and of how many epochs this loader has run: ``set_epoch`` is recorded
+    for interface parity but cannot rewind DALI's reader (a resumed run sees different, equally
+    random, orders). Augmentation randomness uses ``seed + 7919 * rank``.
+    """
+    name = "dali"
+
+    def __init__(self, root, split, batch_size, train, size=224, device="cpu", shard=(0, 1),
+                 seed=0, dtype=torch.float32, channels_last=None, num_workers=None,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, scan=None, verify=True, subset=None,
+                 prefetch=2):
+        self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
+                    channels_last, mean, std, scan, verify, subset)
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        import nvidia.dali
+        self.version = nvidia.dali.__version__
+        gpu = self.device.type == "cuda"
+        if not gpu and self.device.type != "cpu":
+            raise ValueError(f"DaliLoader runs on cpu or cuda, not {self.device}")
+        num_workers = num_workers or min(8, os.cpu_count() or 1)
+        layout = "HWC" if self.channels_last else "CHW"
+        out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+        mean255 = [m * 255 for m in self.mean]
+        std255 = [s * 255 for s in self.std]
+        files, labels = self.files, self.labels
+
+        @pipeline_def(batch_size=batch_size, num_threads=num_workers,
+                      device_id=self.device.index if gpu else None,
+                      seed=(seed + 7919 * self.rank) % (2 ** 31), prefetch_queue_depth=prefetch)
+        def pipeline():
+            jpegs, lab = fn.readers.file(
+                files=files, labels=labels, shard_id=self.rank, num_shards=self.world,
+                random_shuffle=False, pad_last_batch=True, name="Reader",
+                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed % (2 ** 31))
+                   if train else {}))
+            dec = "mixed" if gpu else "cpu"
+            # nvJPEG scratch sizes from NVIDIA's ImageNet example (avoid reallocations)
+            extra = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
+            if train:
+                img = fn.decoders.image_random_crop(
+                    jpegs, device=dec, output_type=types.RGB, random_area=list(RRC_SCALE),
+                    random_aspect_ratio=list(RRC_RATIO), num_attempts=100, **extra)
+                img = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
+                                antialias=True)
+                mirror = fn.random.coin_flip(probability=0.5)
+            else:
+                img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **extra)
+                img = fn.resize(img, resize_shorter=val_resize(size), interp_type=types.INTERP_CUBIC,
+                                antialias=True)
+                mirror = False
+            img = fn.crop_mirror_normalize(
+                img, dtype=out_type, output_layout=layout, crop=(size, size), crop_pos_x=0.5,
+                crop_pos_y=0.5, mean=mean255, std=std255, mirror=mirror)
+            return img, (lab.gpu() if gpu else lab)
+
+        self._pipe = pipeline()
+        self._iter = DALIGenericIterator(
+            self._pipe, ["images", "labels"], reader_name="Reader", auto_reset=True,
+            prepare_first_batch=False,   # decode nothing (and fail on no file) before iteration
+            last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
+        self._in_epoch = False
+        if len(self._iter) != len(self):
+            raise RuntimeError(f"DALI iterator has {len(self._iter)} batches per epoch, expected "
+                               f"{len(self)}")
+
+    def __iter__(self):
+        if self._in_epoch:  # an earlier pass stopped mid-epoch: DALI resets only at epoch end
+            for _ in self._iter:
+                pass
+        self._in_epoch = True
+        try:
+            for batch in self._iter:
+                x, y = batch[0]["images"], batch[0]["labels"]
+                if self.channels_last:
+                    x = x.permute(0, 3, 1, 2)  # NHWC memory -> NCHW channels-last view, no copy
+                if x.dtype != self.dtype:
+                    x = x.to(self.dtype)
+                yield x, y.view(-1).to(torch.int64)
+        except RuntimeError as e:
+            raise DatasetError(f"DALI failed while reading {self.root}/{self.split}: {e}. Build the "
+                               f"loader with verify=True (or 'full') to drop unreadable files "
+                               f"before training.") from e
+        self._in_epoch = False
+
+
+# ---- PIL fallback ---------------------------------------------------------------------------
+def random_resized_crop_box(w, h, rng, scale=RRC_SCALE, ratio=RRC_RATIO):
+    """torchvision's RandomResizedCrop.get_params: ``(left, top, right, bottom)``."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return x0, y0, x0 + cw, y0 + ch
+    if w / h < ratio[0]:
+        cw, ch = w, int(round(w / ratio[0]))
+    elif w / h > ratio[1]:
+        cw, ch = int(round(h * ratio[1])), h
+    else:
+        cw, ch = w, h
+    x0, y0 = (w - cw) // 2, (h - ch) // 2
+    return x0, y0, x0 + cw, y0 + ch
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """``(uint8 HWC [S, S, 3] tensor, label)`` per file, augmented with PIL.
+
+    Random draws come from ``numpy.random.default_rng((seed, epoch, index))``: the same
+    whatever worker decodes the sample. Set ``.epoch`` before each epoch (the loader does).
+    """
+
+    def __init__(self, files, labels, size, train, seed=0):
+        self.files, self.labels = files, labels
+        self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        from PIL import Image
+        path = self.files[index]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB
+        except Exception as e:
+            raise DatasetError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
+        s = self.size
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            box = random_resized_crop_box(img.width, img.height, rng)
+            img = img.resize((s, s), Image.BICUBIC, box=box)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            short, r = min(img.size), val_resize(s)
+            w, h = (r, int(r * img.height / img.width)) if img.width == short else \
+                   (int(r * img.width / img.height), r)
+            img = img.resize((w, h), Image.BICUBIC)
+            x0, y0 = (w - s + 1) // 2, (h - s + 1) // 2  # half-pixel offsets round up, as DALI
+            img = img.crop((x0, y0, x0 + s, y0 + s))
+        return np.asarray(img)
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.load(index).copy()), self.labels[index]
+
+
+class _ShardSampler(torch.utils.data.Sampler):
+    """DistributedSampler semantics: train = a (seed, epoch) permutation padded to a multiple
+    of ``world``, rank r taking every world-th; eval = rank r's contiguous block, in order."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def __len__(self):
+        return self.loader.shard_size
+
+    def __iter__(self):
+        ld, n = self.loader, len(self.loader.files)
+        if not ld.train:
+            return iter(ld._eval_shard(n))
+        g = torch.Generator().manual_seed(ld.seed * 100003 + ld.epoch)
+        perm = torch.randperm(n, generator=g)
+        total = ld.shard_size * ld.world
+        perm = torch.cat([perm, perm[:total - n]]) if total > n else perm
+        return iter(perm[ld.rank:total:ld.world].tolist())
+
+
+class TorchvisionLoader(_ImageFolderLoaderBase):
+    """ImageFolder through ``torch.utils.data.DataLoader`` workers decoding with PIL.
+
+    The torchvision ``RandomResizedCrop(bicubic) + RandomHorizontalFlip`` / ``Resize +
+    CenterCrop`` pipeline, written with PIL so torchvision is not required. Workers return
+    uint8 HWC crops; the batch moves to ``device`` as uint8 (pinned on CUDA) and is normalised
+    there. With ``channels_last`` the NHWC batch becomes a channels-last NCHW view, no copy.
+    """
+    name = "torchvision"
+
+    def __init__(self, root, split, batch_size, train, size=224, device="cpu", shard=(0, 1),
+                 seed=0, dtype=torch.float32, channels_last=None, num_workers=None,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, scan=None, verify=True, subset=None):
+        self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
+                    channels_last, mean, std, scan, verify, subset)
+        self.dataset = ImageFileDataset(self.files, self.labels, size, train, seed)
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255
+        self._loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=batch_size, sampler=_ShardSampler(self),
+            num_workers=self.num_workers, drop_last=self.drop_last,
+            pin_memory=self.device.type == "cuda", persistent_workers=False)
+
+    def __iter__(self):
+        self.dataset.epoch = self.epoch   # workers start per epoch and copy the dataset
+        for x, y in self._loader:
+            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view of NHWC
+            x = ((x.float() - self._mean) / self._std).to(self.dtype)
+            if not self.channels_last:
+                x = x.contiguous()
+            yield x, y.to(self.device, non_blocking=True).to(torch.int64)
+
+
+# ---- choosing one ---------------------------------------------------------------------------
+def build_imagefolder_loader(root, split, batch_size, train, loader="auto", device="cpu",
+                             size=224, shard=(0, 1), seed=0, dtype=torch.float32,
+                             channels_last=None, num_workers=None, verify=True, subset=None,
+                             classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, quiet=False):
+    """A DALI or PIL loader over ``root/split``; logs one line saying which runs and why.
+
+    ``loader="auto"``: DALI when it imports and its pipeline builds, else the PIL loader;
+    ``"dali"`` raises ImportError without DALI; ``"torchvision"``: the PIL loader.
+    ``classes``: the class list the split must have (pass the train loader's ``classes`` when
+    building the val loader). Dataset problems raise :class:`DatasetError` before any training.
+    """
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    scan = scan_imagefolder(root, split, verify=verify, classes=classes, subset=subset, seed=seed,
+                            quiet=quiet)
+    kw = dict(size=size, device=device, shard=shard, seed=seed, dtype=dtype,
+              channels_last=channels_last, num_workers=num_workers, mean=mean, std=std, scan=scan)
+    ok, info = dali_available()
+    if loader == "torchvision":
+        why = "requested (--loader torchvision)"
+    elif loader == "dali":
+        if not ok:
+            raise ImportError(f"--loader dali: NVIDIA DALI does not import ({info}); install it "
+                              f"with `pip install nvidia-dali-cuda130` (or `pip install -e .[dali]`), "
+                              f"or use --loader torchvision")
+        ld = DaliLoader(root, split, batch_size, train, **kw)
+        why = "requested (--loader dali)"
+    elif ok:
+        try:
+            ld = DaliLoader(root, split, batch_size, train, **kw)
+            why = f"auto: DALI {info} imports"
+        except (DatasetError, ValueError):
+            raise
+        except Exception as e:  # e.g. a DALI build that does not match this CUDA driver
+            why = f"auto: the DALI {info} pipeline failed to build ({type(e).__name__}: {e})"
+            loader = "torchvision"
+    else:
+        why = f"auto: DALI not importable ({info})"
+        loader = "torchvision"
+    if loader == "torchvision":
+        ld = TorchvisionLoader(root, split, batch_size, train, **kw)
+    if not quiet:
+        decode = ("GPU (nvJPEG, mixed)" if ld.device.type == "cuda" else "CPU") if ld.name == "dali" \
+            else f"CPU (PIL, {ld.num_workers} workers)"
+        log(f"{ld.describe()}; decode on {decode}; {why}")
+    return ld

@@ -1,0 +1,363 @@
+"""ImageFolder export, scanning and the two loaders (DALI CPU-only pipeline, PIL fallback).
+
+DALI is required, not skipped: `make test` installs nvidia-dali-cuda130 (its CPU pipelines
+run without a GPU). The GPU ("mixed" nvJPEG) path is not exercised here.
+"""
+import collections
+import gzip
+import os
+import pickle
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastmix.data import FASHION_MNIST_DIR, DatasetError
+from fastmix.data import export as fexport
+from fastmix.data.imagefolder import (IMAGENET_MEAN, IMAGENET_STD, DaliLoader, ScanResult,
+                                      TorchvisionLoader, build_imagefolder_loader,
+                                      check_image_file, scan_imagefolder)
+
+LOADERS = {"dali": DaliLoader, "torchvision": TorchvisionLoader}
+SIZE = 32
+FM_CLASSES = ["Ankle_boot", "Bag", "Coat", "Dress", "Pullover", "Sandal", "Shirt", "Sneaker",
+              "T-shirt_top", "Trouser"]
+
+
+def make(kind, root, split, batch_size, train, **kw):
+    kw.setdefault("num_workers", 1 if kind == "dali" else 0)   # 2 shared cores: no forks
+    kw.setdefault("size", SIZE)
+    return LOADERS[kind](root, split, batch_size, train, **kw)
+
+
+def write_idx(folder, prefix, images, labels):
+    """Fashion-MNIST's four-file IDX layout (gzip)."""
+    os.makedirs(folder, exist_ok=True)
+    with gzip.open(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, len(images), *images.shape[1:]) + images.tobytes())
+    with gzip.open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
+        f.write(struct.pack(">II", 0x801, len(labels)) + labels.tobytes())
+
+
+def unnormalise(x):
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x.float() * std + mean) * 255
+
+
+def smooth_image(seed=0, w=56, h=40):
+    """Low-frequency RGB content: the two loaders' resamplers agree closely on it."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    a = np.stack([xx * 255 / w, yy * 255 / h, 127 + 100 * np.sin(yy / 6 + xx / 9 + seed)], -1)
+    return Image.fromarray(a.astype(np.uint8), "RGB")
+
+
+# ---- fixtures -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fm_root(tmp_path_factory):
+    """Fashion-MNIST exported with the CLI entry point: 20 train, 20 val JPEGs (2 per class).
+
+    Falls back to a synthetic IDX set when the Debian package is not installed.
+    """
+    tmp = tmp_path_factory.mktemp("fm")
+    data_dir = FASHION_MNIST_DIR
+    if not os.path.exists(os.path.join(data_dir, "train-images-idx3-ubyte.gz")):
+        rng = np.random.default_rng(0)
+        data_dir = str(tmp / "idx")
+        for prefix in ("train", "t10k"):
+            write_idx(data_dir, prefix, rng.integers(0, 256, (40, 28, 28), dtype=np.uint8),
+                      np.arange(40, dtype=np.uint8) % 10)
+    out = str(tmp / "folder")
+    assert fexport.main(["--dataset", "fashion-mnist", "--data-dir", data_dir, "--out", out,
+                         "--limit", "20"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def weird_root(tmp_path_factory):
+    """Two classes, every awkward input in both: grey, CMYK, PNG (also named .jpg), palette,
+    RGBA, WebP, BMP, trailing bytes after EOI (all valid) and a truncated JPEG, a zero-byte
+    JPEG, a text file named .jpg (all bad), plus a .txt that is not an image at all."""
+    root = tmp_path_factory.mktemp("weird")
+    for split in ("train", "val"):
+        for c, cls in enumerate(("cat", "dog")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            img = smooth_image(seed=c)
+            img.save(d / "good.jpg", quality=95)
+            img.convert("L").save(d / "grey.jpg", quality=95)
+            img.convert("CMYK").save(d / "cmyk.jpg", quality=95)
+            img.save(d / "png.png")
+            img.save(d / "png_named.jpg", format="PNG")
+            img.convert("P", palette=Image.ADAPTIVE).save(d / "palette.png")
+            img.convert("RGBA").save(d / "rgba.png")
+            img.save(d / "upper.WEBP", quality=95)
+            img.save(d / "b.bmp")
+            data = (d / "good.jpg").read_bytes()
+            (d / "trailing.jpg").write_bytes(data + b"\0" * 100 + b"camera trailer")
+            (d / "truncated.jpg").write_bytes(data[:len(data) // 2])
+            (d / "zero.jpg").write_bytes(b"")
+            (d / "text.jpg").write_text("this is not an image\n")
+            (d / "notes.txt").write_text("ignored: not an image extension\n")
+    return str(root)
+
+
+BAD = {"truncated.jpg", "zero.jpg", "text.jpg"}
+GOOD = {"good.jpg", "grey.jpg", "cmyk.jpg", "png.png", "png_named.jpg", "palette.png", "rgba.png",
+        "upper.WEBP", "b.bmp", "trailing.jpg"}
+
+
+# ---- export ---------------------------------------------------------------------------------
+def test_export_layout(fm_root):
+    for split in ("train", "val"):
+        assert sorted(os.listdir(os.path.join(fm_root, split))) == FM_CLASSES
+        files = [os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(fm_root, split)) for f in fs]
+        assert len(files) == 20 and all(f.endswith(".jpg") for f in files)
+        counts = collections.Counter(os.path.basename(os.path.dirname(f)) for f in files)
+        assert set(counts.values()) == {2}          # --limit is class-balanced
+    with Image.open(files[0]) as im:
+        assert im.format == "JPEG" and im.mode == "L" and im.size == (28, 28)
+    # a second export into the same folder is refused (stale files would mix in)
+    assert fexport.main(["--dataset", "fashion-mnist", "--out", fm_root, "--limit", "5"]) == 2
+
+
+def test_export_labels_match_source(tmp_path):
+    """Image i of class folder c is source image i, and its label is c."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], np.uint8)
+    write_idx(str(tmp_path / "idx"), "train", images, labels)
+    write_idx(str(tmp_path / "idx"), "t10k", images[:10], np.arange(10, dtype=np.uint8))
+    counts = fexport.export("fashion-mnist", str(tmp_path / "out"), str(tmp_path / "idx"), quality=100)
+    assert counts == {"train": 12, "val": 10}
+    names = [fexport.folder_name(n) for n in fexport.FASHION_MNIST_CLASSES]
+    for i, lab in enumerate(labels):
+        path = tmp_path / "out" / "train" / names[lab] / f"{i}.jpg"
+        got = np.asarray(Image.open(path)).astype(int)
+        assert np.abs(got - images[i]).mean() < 8    # JPEG q100 of noise
+    # classes absent from the train split (0 and 7) make a train/val mismatch the scan refuses
+    with pytest.raises(DatasetError, match="only in .*val: Sneaker, T-shirt_top"):
+        scan_imagefolder(str(tmp_path / "out"), "train")
+
+
+def test_export_cifar10_names_from_meta(tmp_path):
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+                         b"labels": list(range(10))}, f)
+    meta = [f"thing {i}" for i in range(10)]
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [m.encode() for m in meta]}, f)
+    assert fexport.main(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out",
+                         str(tmp_path / "out")]) == 0
+    assert sorted(os.listdir(tmp_path / "out" / "val")) == [f"thing_{i}" for i in range(10)]
+    with Image.open(tmp_path / "out" / "train" / "thing_3" / "3.jpg") as im:
+        assert im.mode == "RGB" and im.size == (32, 32)
+
+
+# ---- the two loaders agree ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_loader_interface(fm_root, kind):
+    ld = make(kind, fm_root, "train", 8, True)
+    assert ld.classes == FM_CLASSES and ld.num_classes == 10 and ld.num_skipped == 0
+    assert len(ld) == 2                       # 20 images, drop_last
+    ld.set_epoch(0)
+    batches = list(ld)
+    assert len(batches) == len(ld)
+    for x, y in batches:
+        assert x.shape == (8, 3, SIZE, SIZE) and x.dtype == torch.float32 and x.is_contiguous()
+        assert y.shape == (8,) and y.dtype == torch.int64 and x.device.type == y.device.type == "cpu"
+        assert int(y.min()) >= 0 and int(y.max()) < 10
+        px = unnormalise(x)                  # the normalisation is ImageNet mean/std * 255
+        assert px.min() > -0.5 and px.max() < 255.5 and px.max() > 200 and px.min() < 5
+        # Fashion-MNIST is grey: the three RGB channels carry the same pixel values
+        assert (px[:, 0] - px[:, 1]).abs().max() < 0.5 and (px[:, 0] - px[:, 2]).abs().max() < 0.5
+    ld.set_epoch(1)
+    again = list(ld)
+    assert not torch.equal(again[0][0], batches[0][0])   # new order / augmentation each epoch
+    val = make(kind, fm_root, "val", 8, False)
+    assert len(val) == 3 and [x.shape[0] for x, _ in val] == [8, 8, 4]   # partial last batch
+
+
+def test_loaders_agree_on_classes_labels_and_pixels(fm_root):
+    dali, pil = make("dali", fm_root, "val", 6, False), make("torchvision", fm_root, "val", 6, False)
+    assert dali.classes == pil.classes == FM_CLASSES and dali.files == pil.files
+    for epoch in range(2):
+        dali.set_epoch(epoch)
+        pil.set_epoch(epoch)
+        xd, yd = map(torch.cat, zip(*dali))
+        xp, yp = map(torch.cat, zip(*pil))
+        # evaluation: every file once, in file order -> same labels, same pixels
+        assert torch.equal(yd, yp) and yd.tolist() == dali.labels
+        diff = (xd - xp).abs().flatten(1).mean(1)
+        other = (xd - xd.roll(1, 0)).abs().flatten(1).mean(1)
+        assert diff.max() < 0.05 < other.min()     # same image, up to decoder/resampler rounding
+    # training: each epoch's label multiset is the dataset's, on both loaders
+    full = collections.Counter(dali.labels)
+    for kind in LOADERS:
+        tr = make(kind, fm_root, "train", 5, True)
+        for epoch in range(2):
+            tr.set_epoch(epoch)
+            assert collections.Counter(torch.cat([y for _, y in tr]).tolist()) == full
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype_and_channels_last(fm_root, kind, dtype):
+    ref, _ = next(iter(make(kind, fm_root, "val", 4, False)))
+    ld = make(kind, fm_root, "val", 4, False, dtype=dtype, channels_last=True)
+    x, _ = next(iter(ld))
+    assert x.dtype == dtype and x.shape == (4, 3, SIZE, SIZE)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert x.permute(0, 2, 3, 1).is_contiguous()          # an NCHW view of NHWC memory
+    assert torch.allclose(x.float(), ref, atol=0.05, rtol=0.01)
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+@pytest.mark.parametrize("train", [False, True])
+def test_sharding_two_ranks(fm_root, kind, train):
+    """Label = file index, so the labels seen identify the files."""
+    files, _, _ = scan_imagefolder(fm_root, "train", verify=False)
+    ids = ScanResult(files, list(range(len(files))), [str(i) for i in range(len(files))])
+    ranks = [make(kind, fm_root, "train", 4, train, shard=(r, 2), scan=ids) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == (2 if train else 3)
+    for epoch in range(2):
+        seen = []
+        for ld in ranks:
+            ld.set_epoch(epoch)
+            seen.append(torch.cat([y for _, y in ld]).tolist())
+        a, b = map(set, seen)
+        assert not a & b                                      # disjoint within an epoch
+        if train:   # 10 per rank, drop_last of batches of 4 -> 8 distinct files each
+            assert len(seen[0]) == len(a) == 8 and len(seen[1]) == len(b) == 8
+        else:       # evaluation: every file exactly once over the two ranks
+            assert sorted(seen[0] + seen[1]) == list(range(len(files)))
+
+
+# ---- bad inputs -----------------------------------------------------------------------------
+def test_scan_skips_bad_files_and_keeps_awkward_ones(weird_root):
+    scan = scan_imagefolder(weird_root, "train")
+    files, labels, classes = scan
+    assert classes == ["cat", "dog"]
+    assert {os.path.basename(f) for f in files} == GOOD
+    assert {os.path.basename(p) for p, _ in scan.skipped} == BAD and len(scan.skipped) == 6
+    reasons = {os.path.basename(p): r for p, r in scan.skipped}
+    assert reasons["zero.jpg"] == "zero bytes" and "not a JPEG" in reasons["text.jpg"]
+    assert "truncated" in reasons["truncated.jpg"].lower()
+    for f, lab in zip(files, labels):                         # labels stay with their files
+        assert classes[lab] == os.path.basename(os.path.dirname(f))
+    assert check_image_file(os.path.join(weird_root, "val", "dog", "trailing.jpg")) is None
+    assert check_image_file(os.path.join(weird_root, "val", "dog", "truncated.jpg"), "full")
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_loaders_decode_every_kept_file_as_rgb(weird_root, kind):
+    for train in (True, False):
+        ld = make(kind, weird_root, "val", 4, train)
+        assert ld.num_skipped == 6 and len(ld.files) == 20
+        batches = list(ld)
+        assert len(batches) == len(ld) == (5 if train else 5)
+        for x, y in batches:
+            assert x.shape[1:] == (3, SIZE, SIZE) and torch.isfinite(x).all()
+    # evaluation pixels: grey decodes to three equal channels, the others agree across loaders
+    ld = make(kind, weird_root, "val", 20, False)
+    x, y = next(iter(ld))
+    names = [os.path.basename(f) for f in ld.files]
+    px = unnormalise(x)
+    g = names.index("grey.jpg")
+    assert (px[g, 0] - px[g, 1]).abs().max() < 0.5 and (px[g, 1] - px[g, 2]).abs().max() < 0.5
+    good = px[names.index("good.jpg")]
+    for n in ("cmyk.jpg", "png.png", "png_named.jpg", "rgba.png", "b.bmp", "upper.WEBP", "palette.png"):
+        assert (px[names.index(n)] - good).abs().mean() < 8, n   # same picture, 0-255 scale
+
+
+def test_bad_files_without_verify_fail_with_a_dataset_error(weird_root):
+    """What verification prevents: DALI stops mid-epoch on an undecodable file."""
+    scan = scan_imagefolder(weird_root, "val", verify=False)
+    assert len(scan.files) == 24 and {os.path.basename(p) for p, _ in scan.skipped} == {"zero.jpg"}
+    with pytest.raises(DatasetError, match="(?s)DALI failed.*verify=True"):
+        for _ in make("dali", weird_root, "val", 24, False, scan=scan):
+            pass
+    with pytest.raises(DatasetError, match=r"(text|truncated)\.jpg: cannot decode"):
+        for _ in make("torchvision", weird_root, "val", 24, False, scan=scan):
+            pass
+
+
+def test_refusals_name_the_folder(tmp_path, weird_root):
+    with pytest.raises(DatasetError, match="nowhere.*does not exist"):
+        scan_imagefolder(str(tmp_path / "nowhere"), "train")
+    (tmp_path / "r").mkdir()
+    with pytest.raises(DatasetError, match=r"r/train does not exist"):
+        scan_imagefolder(str(tmp_path / "r"), "train")
+    (tmp_path / "r" / "train").mkdir()
+    (tmp_path / "r" / "train" / "stray.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"r/train has no class folders"):
+        scan_imagefolder(str(tmp_path / "r"), "train")
+    for c in ("a", "b"):
+        (tmp_path / "r" / "train" / c).mkdir()
+    smooth_image().save(tmp_path / "r" / "train" / "a" / "x.jpg")
+    (tmp_path / "r" / "train" / "b" / "readme.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"class folder .*r/train/b has no images \(1 files"):
+        scan_imagefolder(str(tmp_path / "r"), "train")
+    # a class whose only images are all bad is refused too (after skipping them)
+    (tmp_path / "r" / "train" / "b" / "zero.jpg").write_bytes(b"")
+    with pytest.raises(DatasetError, match=r"no readable image.*r/train/b"):
+        scan_imagefolder(str(tmp_path / "r"), "train")
+    # train/val with different classes: refused from either side, naming the classes
+    bad = tmp_path / "mismatch"
+    shutil.copytree(weird_root, bad)
+    os.rename(bad / "val" / "dog", bad / "val" / "wolf")
+    for split in ("train", "val"):
+        with pytest.raises(DatasetError, match=r"only in .*train: dog; only in .*val: wolf|"
+                                               r"only in .*val: wolf; only in .*train: dog"):
+            scan_imagefolder(str(bad), split)
+    with pytest.raises(DatasetError, match="differ"):
+        build_imagefolder_loader(weird_root, "val", 4, False, classes=["cat", "wolf"], quiet=True)
+
+
+def test_build_loader_choice_and_log(fm_root, capsys):
+    ld = build_imagefolder_loader(fm_root, "val", 8, False, loader="auto", size=SIZE, num_workers=1)
+    err = capsys.readouterr().err
+    assert isinstance(ld, DaliLoader) and "dali loader" in err and "auto: DALI" in err
+    ld = build_imagefolder_loader(fm_root, "val", 8, False, loader="torchvision", size=SIZE,
+                                  num_workers=0)
+    err = capsys.readouterr().err
+    assert isinstance(ld, TorchvisionLoader) and "requested (--loader torchvision)" in err
+    assert err.count("\n") == 1 and ld.num_classes == 10
+    with pytest.raises(ValueError, match="loader must be one of"):
+        build_imagefolder_loader(fm_root, "val", 8, False, loader="tfrecord")
+
+
+def test_auto_falls_back_without_dali(fm_root, capsys, monkeypatch):
+    import fastmix.data.imagefolder as imf
+    monkeypatch.setattr(imf, "dali_available", lambda: (False, "ModuleNotFoundError: no nvidia"))
+    ld = build_imagefolder_loader(fm_root, "val", 8, False, size=SIZE, num_workers=0)
+    assert isinstance(ld, TorchvisionLoader)
+    assert "auto: DALI not importable (ModuleNotFoundError" in capsys.readouterr().err
+    with pytest.raises(ImportError, match="nvidia-dali-cuda130"):
+        build_imagefolder_loader(fm_root, "val", 8, False, loader="dali")
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_abandoned_epoch_then_full_epoch(fm_root, kind):
+    """A loop that breaks early (a benchmark, a max-steps limit) leaves the next epoch whole."""
+    ld = make(kind, fm_root, "train", 4, True)
+    next(iter(ld))
+    ld.set_epoch(1)
+    assert sum(1 for _ in ld) == len(ld) == 5
+
+
+def test_pil_workers_do_not_change_the_augmentation(fm_root):
+    """Random draws are keyed by (seed, epoch, index): 0 or 2 DataLoader workers, same batch."""
+    a = make("torchvision", fm_root, "train", 10, True, num_workers=0)
+    b = make("torchvision", fm_root, "train", 10, True, num_workers=2)
+    for ld in (a, b):
+        ld.set_epoch(3)
+    (xa, ya), (xb, yb) = next(iter(a)), next(iter(b))
+    assert torch.equal(ya, yb) and torch.equal(xa, xb)
