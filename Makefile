@@ -15,13 +15,13 @@ TRITON_SPEC ?= $(if $(HAS_GPU),,triton==3.7.1)
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test setup data bench clean
+.PHONY: train test setup data bench bench-data clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TRITON_SPEC)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,dali]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -42,6 +42,10 @@ test: setup data
 
 bench: setup
 	$(PY) bench/kernels.py
+
+bench-data: setup data
+	$(PY) -m fastmix.data.export --dataset fashion-mnist --out runs/fm-imagefolder --limit 2000 --overwrite
+	$(PY) bench/data.py --data-dir runs/fm-imagefolder
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info

@@ -198,13 +198,19 @@ def test_loaders_agree_on_classes_labels_and_pixels(fm_root):
         diff = (xd - xp).abs().flatten(1).mean(1)
         other = (xd - xd.roll(1, 0)).abs().flatten(1).mean(1)
         assert diff.max() < 0.05 < other.min()     # same image, up to decoder/resampler rounding
-    # training: each epoch's label multiset is the dataset's, on both loaders
+    # training: both read the same (seed, epoch) permutation -> the same label sequence, and
+    # each epoch's label multiset is the dataset's
     full = collections.Counter(dali.labels)
-    for kind in LOADERS:
-        tr = make(kind, fm_root, "train", 5, True)
-        for epoch in range(2):
-            tr.set_epoch(epoch)
-            assert collections.Counter(torch.cat([y for _, y in tr]).tolist()) == full
+    tr = {kind: make(kind, fm_root, "train", 5, True, seed=3) for kind in LOADERS}
+    orders = set()
+    for epoch in range(2):
+        seqs = []
+        for ld in tr.values():
+            ld.set_epoch(epoch)
+            seqs.append(torch.cat([y for _, y in ld]).tolist())
+        assert seqs[0] == seqs[1] and collections.Counter(seqs[0]) == full
+        orders.add(tuple(seqs[0]))
+    assert len(orders) == 2                   # reshuffled between epochs
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
@@ -220,24 +226,31 @@ def test_dtype_and_channels_last(fm_root, kind, dtype):
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
-@pytest.mark.parametrize("train", [False, True])
-def test_sharding_two_ranks(fm_root, kind, train):
-    """Label = file index, so the labels seen identify the files."""
+@pytest.mark.parametrize("n", [20, 19])
+def test_sharding_two_ranks(fm_root, kind, n):
+    """Label = file index, so the labels seen identify the files. 19 files: uneven shards."""
     files, _, _ = scan_imagefolder(fm_root, "train", verify=False)
-    ids = ScanResult(files, list(range(len(files))), [str(i) for i in range(len(files))])
-    ranks = [make(kind, fm_root, "train", 4, train, shard=(r, 2), scan=ids) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == (2 if train else 3)
-    for epoch in range(2):
-        seen = []
-        for ld in ranks:
-            ld.set_epoch(epoch)
-            seen.append(torch.cat([y for _, y in ld]).tolist())
-        a, b = map(set, seen)
-        assert not a & b                                      # disjoint within an epoch
-        if train:   # 10 per rank, drop_last of batches of 4 -> 8 distinct files each
-            assert len(seen[0]) == len(a) == 8 and len(seen[1]) == len(b) == 8
-        else:       # evaluation: every file exactly once over the two ranks
-            assert sorted(seen[0] + seen[1]) == list(range(len(files)))
+    ids = ScanResult(files[:n], list(range(n)), [str(i) for i in range(n)])
+    for train in (True, False):
+        ranks = [make(kind, fm_root, "train", 3, train, shard=(r, 2), scan=ids) for r in range(2)]
+        # train: each rank gets ceil(n / 2) = 10 files -> 3 full batches (equal, or DDP hangs);
+        # eval: contiguous blocks [0, n//2) and [n//2, n) with partial last batches
+        assert [len(ld) for ld in ranks] == ([3, 3] if train else [4, 4] if n == 20 else [3, 4])
+        for epoch in range(3):
+            seen = []
+            for ld in ranks:
+                ld.set_epoch(epoch)
+                seen.append(torch.cat([y for _, y in ld]).tolist())
+            both = collections.Counter(seen[0] + seen[1])
+            if not train:   # every file exactly once over the two ranks, every epoch
+                assert sorted(both) == list(range(n)) and max(both.values()) == 1
+                assert [sum(1 for _ in ld) for ld in ranks] == [len(ld) for ld in ranks]
+                continue
+            assert len(seen[0]) == len(seen[1]) == 9
+            if n == 20:     # disjoint within an epoch
+                assert max(both.values()) == 1
+            else:           # one file is repeated to pad 19 to 20: at most it appears twice
+                assert max(both.values()) <= 2 and sum(v - 1 for v in both.values()) <= 1
 
 
 # ---- bad inputs -----------------------------------------------------------------------------
@@ -290,6 +303,8 @@ def test_bad_files_without_verify_fail_with_a_dataset_error(weird_root):
 
 
 def test_refusals_name_the_folder(tmp_path, weird_root):
+    with pytest.raises(DatasetError, match="needs a root folder"):
+        scan_imagefolder(None, "train")
     with pytest.raises(DatasetError, match="nowhere.*does not exist"):
         scan_imagefolder(str(tmp_path / "nowhere"), "train")
     (tmp_path / "r").mkdir()
@@ -345,12 +360,26 @@ def test_auto_falls_back_without_dali(fm_root, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
-def test_abandoned_epoch_then_full_epoch(fm_root, kind):
-    """A loop that breaks early (a benchmark, a max-steps limit) leaves the next epoch whole."""
-    ld = make(kind, fm_root, "train", 4, True)
-    next(iter(ld))
-    ld.set_epoch(1)
-    assert sum(1 for _ in ld) == len(ld) == 5
+def test_epochs_are_reproducible_for_resume(fm_root, kind):
+    """An epoch's batches depend on (seed, epoch) only: not on the epochs run before, on an
+    earlier pass that stopped early, or (DALI) on the number of decoding threads. This is what
+    the trainer's exact mid-epoch resume relies on."""
+    run = make(kind, fm_root, "train", 4, True, seed=5)
+    run.set_epoch(0)
+    list(run)
+    run.set_epoch(1)
+    next(iter(run))                               # a pass that stops after one batch
+    run.set_epoch(1)
+    full = list(run)
+    assert len(full) == len(run) == 5
+    fresh = make(kind, fm_root, "train", 4, True, seed=5,
+                 num_workers=2 if kind == "dali" else 0)
+    fresh.set_epoch(1)
+    for (xa, ya), (xb, yb) in zip(full, fresh):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    other = make(kind, fm_root, "train", 4, True, seed=6)
+    other.set_epoch(1)
+    assert not torch.equal(next(iter(other))[0], full[0][0])
 
 
 def test_pil_workers_do_not_change_the_augmentation(fm_root):

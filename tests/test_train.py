@@ -80,3 +80,22 @@ def test_fastmix_kernels_importable_as_subpackage():
     code = "import fastmix.kernels._common as c, fastmix; print(c.__name__)"
     r = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
     assert r.returncode == 0 and "fastmix.kernels._common" in r.stdout, r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_trains_from_exported_imagefolder(tmp_path_factory, loader):
+    root = tmp_path_factory.getbasetemp() / "fm-jpeg"
+    if not root.exists():
+        r = subprocess.run([sys.executable, "-m", "fastmix.data.export", "--dataset", "fashion-mnist",
+                            "--out", str(root), "--limit", "300"], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    out = tmp_path_factory.mktemp(loader)
+    r = subprocess.run([sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(root),
+                        "--loader", loader, "--image-size", "28", "--arch", "resnet_small",
+                        "--method", "mixup", "--epochs", "2", "--batch-size", "20", "--lr", "0.05",
+                        "--no-progress", "--out", str(out)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"fastmix.data: {loader} loader" in r.stderr  # the log line naming the loader
+    summary = json.load(open(out / "summary.json"))
+    assert summary["final_top1"]["cls"] > 20  # 10 classes: above chance after 30 steps

@@ -27,12 +27,17 @@ ratio 3/4-4/3, bicubic) to ``size`` + horizontal flip p=0.5; val = resize the sh
 ``round(size * 256 / 224)`` (bicubic) + centre crop ``size``. Normalisation: ImageNet mean/std
 (pass ``mean``/``std`` for other data).
 
-Epoch order: train loaders reshuffle the whole file list every epoch with a permutation that
-is the same on every rank (seeded by ``seed``), and rank r takes its shard of it, so the ranks
-never overlap within an epoch and together see every file (DistributedSampler semantics);
-every rank has the same number of batches (its shard is padded by repeating files). The last
-partial batch is dropped in training; evaluation (``train=False``) reads every file of its
-shard exactly once, in sorted order, with a partial last batch.
+Epoch order (``_ImageFolderLoaderBase.epoch_indices``, shared by both loaders, so they read
+the same files in the same order): training reshuffles the whole file list every epoch with
+``torch.randperm`` seeded by ``(seed, epoch)`` -- the same on every rank -- and rank r takes
+every world-th file of it, so ranks never overlap within an epoch and together see every file
+(DistributedSampler semantics, including its padding: when world does not divide the count,
+the first files of the permutation are repeated so that every rank has the same number of
+batches). The last partial batch is dropped in training. Evaluation (``train=False``) reads
+rank r's contiguous block of the sorted file list once, with a partial last batch.
+Augmentation randomness is a function of ``(seed, epoch, rank)`` (DALI) or ``(seed, epoch,
+file index)`` (PIL): an epoch's batches do not depend on what ran before, so ``set_epoch`` is
+exact and the trainer's mid-epoch resume sees the batches of the uninterrupted run.
 """
 import math
 import os
@@ -164,8 +169,11 @@ def scan_imagefolder(root, split, verify=True, check_splits=SPLITS, classes=None
     with PIL; ``False``: no content check (a bad file then stops training with an error).
     ``subset=n`` keeps a random (``seed``) n files, picked before the content check.
     """
-    root = os.fspath(root) if root is not None else None
-    if not root or not os.path.isdir(root):
+    if not root:
+        raise DatasetError(f"ImageFolder needs a root folder (--data-dir ROOT): ROOT/{split}/"
+                           f"<class>/<image files>")
+    root = os.fspath(root)
+    if not os.path.isdir(root):
         raise DatasetError(f"ImageFolder root {root!r} does not exist or is not a folder "
                            f"(expected ROOT/{split}/<class>/<image files>)")
     split_dir = os.path.join(root, split)
@@ -283,8 +291,25 @@ class _ImageFolderLoaderBase:
                              f"({self.shard_size} images on this rank)")
 
     def _eval_shard(self, n):
-        """Contiguous block of rank r (DALI's sharding): [n*r//world, n*(r+1)//world)."""
+        """Evaluation: rank r's contiguous block [n*r//world, n*(r+1)//world), in file order."""
         return range(n * self.rank // self.world, n * (self.rank + 1) // self.world)
+
+    def epoch_indices(self, epoch):
+        """File indices this rank reads in ``epoch``, in order (both loaders use this).
+
+        Train: ``torch.randperm`` seeded by ``seed * 100003 + epoch`` (the same on every rank),
+        padded to a multiple of ``world`` with its first entries (DistributedSampler), rank r
+        taking every world-th, cut to whole batches. Eval: ``_eval_shard``.
+        """
+        n = len(self.files)
+        if not self.train:
+            return list(self._eval_shard(n))
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        total = self.shard_size * self.world
+        if total > n:
+            perm = torch.cat([perm, perm[:total - n]])
+        return perm[self.rank:total:self.world][:len(self) * self.batch_size].tolist()
 
     def __len__(self):
         if self.drop_last:
@@ -320,13 +345,16 @@ class DaliLoader(_ImageFolderLoaderBase):
     writes CHW (contiguous NCHW). DALI emits float16 or float32; bfloat16 is converted from
     float32 (keeping the memory format). ``num_workers`` = DALI CPU threads.
 
-    Shuffling: ``shuffle_after_epoch`` (not the reader's ``random_shuffle``, which only
-    shuffles inside a 1024-sample buffer of each shard): a global reshuffle every epoch,
-    the same on all ranks (``shuffle_after_epoch_seed=seed``), each rank reading its contiguous
-    shard of it; ``pad_last_batch`` gives all ranks the same number of batches. The order is a
-    function of ``seed`` and of how many epochs this loader has run: ``set_epoch`` is recorded
-    for interface parity but cannot rewind DALI's reader (a resumed run sees different, equally
-    random, orders). Augmentation randomness uses ``seed + 7919 * rank``.
+    Order and randomness are functions of ``(seed, epoch, rank)`` alone, as in the PIL
+    loader and TensorLoader, so ``set_epoch`` is exact and a resumed run (which draws and
+    discards the first batches of its epoch) sees the very batches of the uninterrupted one:
+    each training epoch gets its own pipeline, whose ``fn.readers.file`` reads this rank's
+    files of ``epoch_indices(epoch)`` in order (the same files, in the same order, as the PIL
+    loader) and whose augmentation seed is ``(seed, epoch, rank)``. The reader's own
+    ``random_shuffle`` is not used: it only shuffles within a 1024-file buffer and its order
+    depends on how many epochs the pipeline has run. The next epoch's pipeline is built (and
+    starts prefetching) as soon as an epoch ends; building one costs milliseconds on the CPU.
+    Evaluation keeps one pipeline over this rank's contiguous block.
     """
     name = "dali"
 
@@ -336,29 +364,33 @@ class DaliLoader(_ImageFolderLoaderBase):
                  prefetch=2):
         self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
                     channels_last, mean, std, scan, verify, subset)
-        from nvidia.dali import fn, pipeline_def, types
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         import nvidia.dali
         self.version = nvidia.dali.__version__
-        gpu = self.device.type == "cuda"
-        if not gpu and self.device.type != "cpu":
+        if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"DaliLoader runs on cpu or cuda, not {self.device}")
-        num_workers = num_workers or min(8, os.cpu_count() or 1)
-        layout = "HWC" if self.channels_last else "CHW"
-        out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
-        mean255 = [m * 255 for m in self.mean]
-        std255 = [s * 255 for s in self.std]
-        files, labels = self.files, self.labels
+        self.num_workers = num_workers or min(8, os.cpu_count() or 1)
+        self.prefetch = prefetch
+        self._iter, self._key, self._fresh = None, None, False
+        self._prepare(self.epoch)      # build now: a DALI that cannot run fails here
 
-        @pipeline_def(batch_size=batch_size, num_threads=num_workers,
-                      device_id=self.device.index if gpu else None,
-                      seed=(seed + 7919 * self.rank) % (2 ** 31), prefetch_queue_depth=prefetch)
+    def _build(self, epoch):
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+        gpu = self.device.type == "cuda"
+        size, train = self.size, self.train
+        idx = self.epoch_indices(epoch)
+        files, labels = [self.files[i] for i in idx], [self.labels[i] for i in idx]
+        layout = "HWC" if self.channels_last else "CHW"
+        out_type = types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT
+        mean255, std255 = [m * 255 for m in self.mean], [s * 255 for s in self.std]
+        aug_seed = (self.seed * 100003 + epoch * 7919 + self.rank * 104729 + 1) % (2 ** 31)
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self.num_workers,
+                      device_id=self.device.index if gpu else None, seed=aug_seed,
+                      prefetch_queue_depth=self.prefetch)
         def pipeline():
-            jpegs, lab = fn.readers.file(
-                files=files, labels=labels, shard_id=self.rank, num_shards=self.world,
-                random_shuffle=False, pad_last_batch=True, name="Reader",
-                **(dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed % (2 ** 31))
-                   if train else {}))
+            jpegs, lab = fn.readers.file(files=files, labels=labels, random_shuffle=False,
+                                         pad_last_batch=True, name="Reader")
             dec = "mixed" if gpu else "cpu"
             # nvJPEG scratch sizes from NVIDIA's ImageNet example (avoid reallocations)
             extra = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
@@ -379,23 +411,25 @@ class DaliLoader(_ImageFolderLoaderBase):
                 crop_pos_y=0.5, mean=mean255, std=std255, mirror=mirror)
             return img, (lab.gpu() if gpu else lab)
 
-        self._pipe = pipeline()
-        self._iter = DALIGenericIterator(
-            self._pipe, ["images", "labels"], reader_name="Reader", auto_reset=True,
+        it = DALIGenericIterator(
+            pipeline(), ["images", "labels"], reader_name="Reader", auto_reset=not train,
             prepare_first_batch=False,   # decode nothing (and fail on no file) before iteration
             last_batch_policy=LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL)
-        self._in_epoch = False
-        if len(self._iter) != len(self):
-            raise RuntimeError(f"DALI iterator has {len(self._iter)} batches per epoch, expected "
-                               f"{len(self)}")
+        if len(it) != len(self):
+            raise RuntimeError(f"DALI iterator has {len(it)} batches per epoch, expected {len(self)}")
+        return it
+
+    def _prepare(self, epoch):
+        key = epoch if self.train else 0
+        if self._iter is None or self._key != key or not self._fresh:
+            self._iter = None                 # free the old pipeline before the new one
+            self._iter, self._key, self._fresh = self._build(epoch), key, True
 
     def __iter__(self):
-        if self._in_epoch:  # an earlier pass stopped mid-epoch: DALI resets only at epoch end
-            for _ in self._iter:
-                pass
-        self._in_epoch = True
+        self._prepare(self.epoch)
+        it, self._fresh = self._iter, False   # a pass that stops early leaves it unusable
         try:
-            for batch in self._iter:
+            for batch in it:
                 x, y = batch[0]["images"], batch[0]["labels"]
                 if self.channels_last:
                     x = x.permute(0, 3, 1, 2)  # NHWC memory -> NCHW channels-last view, no copy
@@ -403,10 +437,15 @@ class DaliLoader(_ImageFolderLoaderBase):
                     x = x.to(self.dtype)
                 yield x, y.view(-1).to(torch.int64)
         except RuntimeError as e:
+            self._iter = None
             raise DatasetError(f"DALI failed while reading {self.root}/{self.split}: {e}. Build the "
                                f"loader with verify=True (or 'full') to drop unreadable files "
                                f"before training.") from e
-        self._in_epoch = False
+        if self.train:                        # build the next epoch's pipeline: it prefetches
+            self._iter = None                 # while the caller evaluates
+            self._prepare(self.epoch + 1)
+        else:
+            self._fresh = True                # auto_reset: ready for the next pass
 
 
 # ---- PIL fallback ---------------------------------------------------------------------------
@@ -474,24 +513,16 @@ class ImageFileDataset(torch.utils.data.Dataset):
 
 
 class _ShardSampler(torch.utils.data.Sampler):
-    """DistributedSampler semantics: train = a (seed, epoch) permutation padded to a multiple
-    of ``world``, rank r taking every world-th; eval = rank r's contiguous block, in order."""
+    """The loader's ``epoch_indices`` for its current epoch."""
 
     def __init__(self, loader):
         self.loader = loader
 
     def __len__(self):
-        return self.loader.shard_size
+        return len(self.loader.epoch_indices(self.loader.epoch))
 
     def __iter__(self):
-        ld, n = self.loader, len(self.loader.files)
-        if not ld.train:
-            return iter(ld._eval_shard(n))
-        g = torch.Generator().manual_seed(ld.seed * 100003 + ld.epoch)
-        perm = torch.randperm(n, generator=g)
-        total = ld.shard_size * ld.world
-        perm = torch.cat([perm, perm[:total - n]]) if total > n else perm
-        return iter(perm[ld.rank:total:ld.world].tolist())
+        return iter(self.loader.epoch_indices(self.loader.epoch))
 
 
 class TorchvisionLoader(_ImageFolderLoaderBase):
