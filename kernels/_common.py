@@ -31,3 +31,19 @@ def scalar_tensor(value, device, dtype=torch.float32):
             raise ValueError(f"expected a scalar or 0-d tensor, got shape {tuple(value.shape)}")
         return value.to(device=device, dtype=dtype)
     return torch.full((), float(value), dtype=dtype, device=device)
+
+
+INDEX_DTYPES = (torch.int64, torch.int32)
+
+
+def check_index(name, t, n, device, ref):
+    """Validate an index/label tensor: a 1-d int64/int32 tensor of length ``n`` on ``device``
+    (``ref`` names the tensor it must match). Shapes and metadata only: no device read."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of indices, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int64 (or int32) tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape [N] = [{n}] to match {ref}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {ref} is on {device}")

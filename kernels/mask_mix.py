@@ -60,7 +60,6 @@ __all__ = ["mix_images", "mix_images_pair", "mix_images_eager", "mix_images_pair
 
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_INDEX_DTYPES = (torch.int64, torch.int32)
 _MODES = ("nearest", "bilinear")
 
 # Under TRITON_INTERPRET the launchers use big tiles (few programs: the interpreter is slow per
@@ -511,16 +510,7 @@ def _check_x(x):
 
 
 def _check_index(name, index, x):
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of sample indices, "
-                        f"got {type(index).__name__}")
-    if index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be an int64 (or int32) tensor, got {index.dtype}")
-    if index.dim() != 1 or index.shape[0] != x.shape[0]:
-        raise ValueError(f"{name} must have shape [N] = [{x.shape[0]}] to match x, "
-                         f"got {tuple(index.shape)}")
-    if index.device != x.device:
-        raise ValueError(f"{name} is on {index.device} but x is on {x.device}")
+    _common.check_index(name, index, x.shape[0], x.device, "x")
 
 
 def _check_mask(name, m, x):

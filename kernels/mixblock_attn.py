@@ -55,7 +55,6 @@ from fastmix.kernels import _common
 __all__ = ["mixblock_attention", "mixblock_attention_eager"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 # Launch configuration (module globals so tests can force the multi-tile paths).
 MAX_ROW_BLOCK = 256          # GPU, fp16 / bf16: widest key row (forward, dq) / query column
@@ -433,16 +432,7 @@ def _check_args(qk, v, index, q_bias, k_bias, v_bias, scale):
         raise TypeError(f"v must be float32, float16 or bfloat16, got {v.dtype}")
     if v.device != dev:
         raise ValueError(f"v is on {v.device} but qk is on {dev}")
-    if not isinstance(index, torch.Tensor):
-        raise TypeError(f"index must be a torch.Tensor [N] of sample indices, "
-                        f"got {type(index).__name__}")
-    if index.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"index must be an int64 (or int32) tensor, got {index.dtype}")
-    if index.dim() != 1 or index.shape[0] != N:
-        raise ValueError(f"index must have shape [N] = [{N}] to match qk, "
-                         f"got {tuple(index.shape)}")
-    if index.device != dev:
-        raise ValueError(f"index is on {index.device} but qk is on {dev}")
+    _common.check_index("index", index, N, dev, "qk")
     for name, b in (("q_bias", q_bias), ("k_bias", k_bias)):
         if b is None:
             continue

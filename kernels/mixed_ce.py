@@ -35,7 +35,6 @@ from fastmix.kernels import _common
 __all__ = ["mixed_cross_entropy", "mixed_cross_entropy_eager", "cross_entropy"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INDEX_DTYPES = (torch.int64, torch.int32)
 
 # Launch configuration (module globals so tests can force the chunked path on small K).
 MAX_BLOCK_K = 4096   # widest class chunk one program holds; K above it loops over chunks
@@ -214,15 +213,7 @@ class _MixedCrossEntropy(torch.autograd.Function):
 # Argument checks (host metadata only: never reads tensor values)
 # --------------------------------------------------------------------------------------------
 def _check_targets(name, t, n, device):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of class indices, got {type(t).__name__}")
-    if t.dtype not in _INDEX_DTYPES:
-        raise TypeError(f"{name} must be int64 (or int32) class indices, got {t.dtype}")
-    if t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape [N] = [{n}] to match logits, "
-                         f"got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but logits are on {device}")
+    _common.check_index(name, t, n, device, "logits")
 
 
 def _check_args(logits, target_a, target_b, lam, label_smoothing):

@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poison_outputs():
+    """NaN-fill every output buffer the kernels allocate (``fastmix.kernels._common.empty``)."""
+    from fastmix.kernels import _common
+    old = _common.POISON_OUTPUTS
+    _common.POISON_OUTPUTS = True
+    yield
+    _common.POISON_OUTPUTS = old

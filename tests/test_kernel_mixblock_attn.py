@@ -20,12 +20,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    old = _common.POISON_OUTPUTS
-    _common.POISON_OUTPUTS = True
-    yield
-    _common.POISON_OUTPUTS = old
+# Every output buffer a kernel allocates starts as NaN: an unwritten element fails.
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _make(n, h, d, dtype=torch.float32, index="perm", bias=True, seed=0, vb_kind="tensor"):

@@ -16,12 +16,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 GRAD_SCALE = 1.7   # a non-unit upstream gradient
 
 
-@pytest.fixture(autouse=True)
-def poison_outputs():
-    old = _common.POISON_OUTPUTS
-    _common.POISON_OUTPUTS = True
-    yield
-    _common.POISON_OUTPUTS = old
+# Every output buffer a kernel allocates starts as NaN: an unwritten element fails.
+pytestmark = pytest.mark.usefixtures("poison_outputs")
 
 
 def _make(n, k, dtype=torch.float32, seed=0, wide=0, device=DEVICE):
@@ -254,13 +250,13 @@ def test_errors(monkeypatch):
         f(z.long(), a)
     with pytest.raises(ValueError, match="non-empty"):
         f(z[:0], a[:0])
-    with pytest.raises(TypeError, match="target_a must be int64"):
+    with pytest.raises(TypeError, match="target_a must be an int64"):
         f(z, a.float())
     with pytest.raises(ValueError, match=r"target_a must have shape \[N\]"):
         f(z, a[:3])
     with pytest.raises(ValueError, match=r"target_b must have shape \[N\]"):
         f(z, a, b[:, None])
-    with pytest.raises(TypeError, match="target_b must be int64"):
+    with pytest.raises(TypeError, match="target_b must be an int64"):
         f(z, a, b.to(torch.int16))
     with pytest.raises(ValueError, match="target_b is on meta"):
         f(z, a, torch.empty(4, dtype=torch.long, device="meta"))
