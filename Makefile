@@ -38,7 +38,7 @@ train: setup data
 	$(PY) train.py --out runs/main $(TRAIN_ARGS)
 
 test: setup data
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests bench --benchmark-disable $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) bench/kernels.py

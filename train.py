@@ -12,11 +12,14 @@ Outputs: OUT/metrics.jsonl (one JSON object per epoch) and OUT/summary.json.
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 
 from fastmix.backbones import ARCH_NAMES
 from fastmix.data import DATASETS, DatasetError
-from fastmix.engine import METHODS, CheckpointError, Config, resolve_device, train
+from fastmix.engine import (METHODS, CheckpointError, Config, NonFiniteLossError, resolve_device,
+                            train)
 
 # Recipes from the spec's configs (§3). AutoMix on CIFAR: lr 0.1 -> 0.05 for everything,
 # EMA 0.999 -> 0.999999; baselines would use min_lr 0 (pass --min-lr 0).
@@ -101,6 +104,7 @@ def parser():
     a("--grid-every", type=int, help="AutoMix: save a mixed-sample PNG grid every N epochs (default 0: never)")
     a("--export", metavar="PATH", help="after training, write the classifier (encoder + head) as a plain state dict")
     a("--export-head", choices=("one_k", "mix_k", "one_q", "mix_q"), help="AutoMix head to export (default one_k)")
+    a("--max-bad-steps", type=int, help="stop after this many consecutive NaN/Inf losses (skipped steps; default 10)")
     a("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     return p
 
@@ -133,14 +137,27 @@ def main(argv=None):
         p.error(f"--batch-size must be positive, got {cfg.batch_size}")
     if cfg.checkpoint_every < 0 or cfg.grid_every < 0:
         p.error("--checkpoint-every and --grid-every must be non-negative")
+    if not (cfg.arch in ARCH_NAMES or cfg.arch.startswith("timm:")):
+        p.error(f"--arch {cfg.arch!r} is unknown; choose from {', '.join(ARCH_NAMES)}")
+    if cfg.max_bad_steps <= 0:
+        p.error("--max-bad-steps must be positive")
     if args.print_config:
         print(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
         return 0
     try:
+        os.makedirs(cfg.out, exist_ok=True)
+        tempfile.TemporaryFile(dir=cfg.out).close()
+    except OSError as e:
+        p.error(f"--out {cfg.out} is not writable: {e}")
+    try:
         summary = train(cfg)
-    except (DatasetError, CheckpointError, PermissionError, ImportError) as e:
+    except (DatasetError, CheckpointError, PermissionError, ImportError, ValueError) as e:
+        # bad input found before or while setting up: a clear message, exit code 2
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     print(json.dumps({k: summary[k] for k in ("method", "reported_head", "reported_top1_final",
                                                 "reported_top1_median_last10", "wall_time_s")}))
     return 0

@@ -156,18 +156,24 @@ class AutoMix(MixMethod):
         return self._ema_pairs
 
     @torch.no_grad()
-    def momentum_update(self, m):
-        """θ_k <- m θ_k + (1 - m) θ_q over parameters (not buffers), one multi-tensor op."""
+    def momentum_update(self, m, finite=None):
+        """θ_k <- m θ_k + (1 - m) θ_q over parameters (not buffers), one multi-tensor op.
+
+        ``finite`` (0-d bool tensor): when False the update is a no-op, decided on the device."""
         if m >= 1:
             return
         k, q = self._pairs()
-        torch._foreach_lerp_(k, [p.detach() for p in q], 1.0 - m)
+        q = [p.detach() for p in q]
+        if finite is None:
+            torch._foreach_lerp_(k, q, 1.0 - m)
+        else:
+            torch._foreach_lerp_(k, q, finite.to(k[0].dtype) * (1.0 - m))
 
     def ema_momentum(self, step, total_steps):
         return ema_momentum(step, total_steps, self.momentum, self.momentum_end, self.momentum_warmup)
 
-    def after_step(self, step, total_steps):
-        self.momentum_update(self.ema_momentum(step, total_steps))
+    def after_step(self, step, total_steps, finite=None):
+        self.momentum_update(self.ema_momentum(step, total_steps), finite)
 
     def _apply(self, fn, *args, **kwargs):
         self._ema_pairs = None  # .to()/.cuda() may replace parameter tensors

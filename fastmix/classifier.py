@@ -6,7 +6,7 @@ A method is an ``nn.Module`` with
   0-d tensors to log (never read on the host inside the step);
 - ``predict(x) -> {head_name: logits}`` in eval mode; ``default_head`` names the one used for
   inference;
-- ``after_step(step, total_steps)``: called after every optimizer step (AutoMix's EMA);
+- ``after_step(step, total_steps, finite=None)``: after every optimizer step (AutoMix's EMA);
 - ``rng_state()`` / ``load_rng_state(state)``: the host RNG, for exact resumption.
 """
 import numpy as np
@@ -35,6 +35,13 @@ class MixMethod(nn.Module):
         # λ comes from the host: a numpy generator that never reads device memory (no sync).
         self.rng = np.random.default_rng(seed)
 
+    @property
+    def in_chans(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                return m.in_channels  # the first conv of the (first) backbone
+        return None
+
     def sample_lam(self, size=None):
         """λ ~ Beta(α, α) on the host (1.0 when α = 0, i.e. no mixing)."""
         if self.alpha == 0:
@@ -51,6 +58,9 @@ class MixMethod(nn.Module):
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"images must be floating point (normalised), got {x.dtype}")
+        expected = getattr(self, "in_chans", None)
+        if expected is not None and x.shape[1] != expected:
+            raise ValueError(f"images have {x.shape[1]} channels but the backbone takes {expected}")
         if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
             raise ValueError(f"labels must be a 1-d tensor of length N={x.shape[0]}")
         if y.dtype != torch.int64:
@@ -62,8 +72,9 @@ class MixMethod(nn.Module):
         """``forward_train``: so DDP (which hooks ``forward``) wraps the training step."""
         return self.forward_train(x, y)
 
-    def after_step(self, step, total_steps):
-        pass
+    def after_step(self, step, total_steps, finite=None):
+        """Called after every optimizer step; ``finite`` (a 0-d bool device tensor or None)
+        says whether the step was applied (False: it was skipped for a non-finite loss)."""
 
     def rng_state(self):
         return self.rng.bit_generator.state

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -68,6 +69,7 @@ class Config:
     grid_every: int = 0           # save a mixed-sample PNG grid every N epochs (AutoMix)
     export: str = None            # write the chosen classifier as a plain state dict here
     export_head: str = None       # AutoMix head to export (default one_k)
+    max_bad_steps: int = 10       # stop after this many consecutive non-finite losses
     progress: bool = True
     log_every: int = 50
     extra: dict = field(default_factory=dict)
@@ -131,9 +133,10 @@ def build_optimizer(cfg: Config, model, fused=False):
         return FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer_impl != "torch":
         raise ValueError(f"optimizer_impl must be torch or apex, got {cfg.optimizer_impl!r}")
-    # fused=True: one multi-tensor kernel for the whole update on CUDA.
+    # fused=True: one multi-tensor kernel for the whole update; it also honours ``found_inf``,
+    # which is how a non-finite step is skipped without a host sync (CPU and CUDA alike).
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=True if fused else None)
+                           fused=fused)
 
 
 def set_epoch_lr(optimizer, epoch, epochs):
@@ -163,41 +166,115 @@ def evaluate(model, loader, world=1):
     return {k: 100.0 * float(c) / total for k, c in zip(names, correct.tolist())}
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive training steps had a NaN/Inf loss."""
+
+
+class StepGuard:
+    """Skip a step whose loss is NaN/Inf without reading the device.
+
+    The fused optimizer gets ``found_inf`` (it leaves parameters and momentum untouched), the EMA
+    weight is multiplied by the finite flag, and the BatchNorm buffers the poisoned forward
+    passes moved are put back. Bad steps are counted on the device; ``check`` reads the counters
+    (every ``log_every`` steps and at the end of an epoch).
+    """
+
+    def __init__(self, model, device, enabled=True):
+        self.enabled = enabled
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()] if enabled else []
+        self.backup = [b.clone() for b in self.buffers]
+        z = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
+        self.total, self.run, self.max_run = z(), z(), z()
+
+    def before(self):
+        if self.buffers:
+            torch._foreach_copy_(self.backup, self.buffers)
+
+    def after_backward(self, loss, optimizer, scaler):
+        """Returns the 0-d bool ``finite`` flag of this step (a device tensor)."""
+        ok = torch.isfinite(loss.detach())
+        if not self.enabled:
+            return ok
+        if not scaler.is_enabled():  # with fp16 the GradScaler's own found_inf does this
+            optimizer.found_inf = (~ok).float()
+            optimizer.grad_scale = None
+        for b, bk in zip(self.buffers, self.backup):
+            b.copy_(torch.where(ok, b, bk))
+        bad = (~ok).long()
+        self.total += bad
+        self.run = (self.run + 1) * bad
+        torch.maximum(self.max_run, self.run, out=self.max_run)
+        return ok
+
+    def check(self, limit, step, ckpt_hint):
+        if not self.enabled:
+            return
+        worst = int(self.max_run)
+        if worst >= limit:
+            raise NonFiniteLossError(
+                f"{worst} consecutive training steps had a NaN/Inf loss (by step {step}; "
+                f"{int(self.total)} bad steps in all); training stopped. Check the data for NaN "
+                f"or lower --lr (or use --amp bf16 rather than fp16), then resume from {ckpt_hint}")
+
+
+# "RANK:STEP": raise in that rank after that step (the fault-injection tests use it)
+_INJECT_FAULT = os.environ.get("FASTMIX_INJECT_FAULT")
+
+
+def _maybe_inject_fault(step):
+    if not _INJECT_FAULT:
+        return
+    rank, at = (int(v) for v in _INJECT_FAULT.split(":"))
+    import torch.distributed as dist
+    me = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    if me == rank and step == at:
+        raise RuntimeError(f"injected fault (FASTMIX_INJECT_FAULT={_INJECT_FAULT})")
+
+
 def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_steps, cfg, device,
-                    progress=None, skip=0, partial=None, checkpoint=None):
-    """One epoch; returns (next step, mean of every logged value, images/s).
+                    progress=None, skip=0, partial=None, checkpoint=None, guard=None,
+                    ckpt_hint="OUT/last.pt"):
+    """One epoch; returns (next step, mean of every logged value over finite steps, images/s).
 
     ``step_model`` is ``model`` or its DDP wrapper. Nothing is read from the device inside the
     step: logged values are summed on the device and read at the end of the epoch (and every
-    ``cfg.log_every`` steps for the progress bar). On resume, the first ``skip`` batches are
-    drawn (so the loader's random streams advance exactly as before) but not trained on.
+    ``cfg.log_every`` steps for the progress bar and the bad-step check). On resume, the first
+    ``skip`` batches are drawn (so the loader's random streams advance exactly as before) but not
+    trained on. Steps with a non-finite loss are skipped (``StepGuard``) and left out of the means.
     """
     model.train()
+    guard = guard or StepGuard(model, device, enabled=False)
     sums = {k: v.to(device) for k, v in partial["sums"].items()} if partial else {}
     count = partial["count"] if partial else 0
     images, elapsed, start = 0, 0.0, time.perf_counter()
     for batch, (x, y) in enumerate(loader):
         if batch < skip:
             continue
+        guard.before()
         with autocast_context(cfg, device):
             loss, logs = step_model(x, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        ok = guard.after_backward(loss, optimizer, scaler)
         scaler.step(optimizer)
         scaler.update()
-        model.after_step(step, total_steps)
+        model.after_step(step, total_steps, ok)
         step += 1
         count += 1
         images += x.shape[0]
+        _maybe_inject_fault(step)
+        logs = dict(logs, loss=loss.detach(), finite_steps=ok)
         for k, v in logs.items():
             # host floats (λ) become device scalars: a fill, not a sync
             v = v.detach().float() if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
+            v = torch.where(ok, v, torch.zeros_like(v))  # a skipped step adds nothing
             sums[k] = sums[k] + v if k in sums else v
-        sums["loss"] = sums["loss"] + loss.detach().float() if "loss" in sums else loss.detach().float()
+        if count % cfg.log_every == 0:
+            guard.check(cfg.max_bad_steps, step, ckpt_hint)
+            if progress is not None:
+                progress.set_postfix(loss=f"{float(sums['loss'] / sums['finite_steps'].clamp_min(1)):.3f}")
         if progress is not None:
             progress.update(1)
-            if count % cfg.log_every == 0:
-                progress.set_postfix(loss=f"{float(sums['loss']) / count:.3f}")
         if checkpoint is not None and step % cfg.checkpoint_every == 0 and batch + 1 < len(loader):
             elapsed += time.perf_counter() - start
             checkpoint(batch + 1, step, {"sums": {k: v.detach().cpu() for k, v in sums.items()},
@@ -206,7 +283,10 @@ def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_st
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed += time.perf_counter() - start
-    means = {k: float(v) / max(count, 1) for k, v in sums.items()}
+    guard.check(cfg.max_bad_steps, step, ckpt_hint)
+    good = max(float(sums.pop("finite_steps", torch.tensor(0.0))), 1.0) if sums else 1.0
+    means = {k: float(v) / good for k, v in sums.items()}
+    means["skipped_steps"] = count - good if sums else 0
     return step, means, images / max(elapsed, 1e-9)
 
 
@@ -365,7 +445,7 @@ def train(cfg: Config):
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, model, fused=device.type == "cuda")
+    optimizer = build_optimizer(cfg, model, fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     total_steps = cfg.epochs * len(train_loader)
 
@@ -408,12 +488,19 @@ def train(cfg: Config):
             gathered = [None] * world
             dist.all_gather_object(gathered, rng)
             rng = gathered
-        if rank == 0:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch,
-                         "step": step, "history": history, "partial": sums, "rng": rng,
-                         "world": world, "config": asdict(cfg)}, ckpt_path)
+        if rank != 0:
+            return
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+                 "history": history, "partial": sums, "rng": rng, "world": world,
+                 "config": asdict(cfg)}
+        try:
+            atomic_save(state, ckpt_path)
+        except OSError as e:  # disk full, quota, I/O error: keep training, keep the old file
+            print(f"warning: could not write checkpoint {ckpt_path} ({e}); the previous "
+                  f"checkpoint, if any, is intact", file=sys.stderr)
 
+    guard = StepGuard(model, device)
     progress = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -425,7 +512,8 @@ def train(cfg: Config):
         step, losses, ips = train_one_epoch(
             step_model, model, optimizer, scaler, train_loader, step, total_steps, cfg, device,
             progress, skip=skip_batches, partial=partial,
-            checkpoint=(lambda b, st, sums, e=epoch: save(e, b, st, sums)) if cfg.checkpoint_every else None)
+            checkpoint=(lambda b, st, sums, e=epoch: save(e, b, st, sums)) if cfg.checkpoint_every else None,
+            guard=guard, ckpt_hint=ckpt_path)
         skip_batches, partial = 0, None
         top1 = evaluate(model, test_loader, world)
         record = {"epoch": epoch + 1, "step": step,
@@ -448,9 +536,6 @@ def train(cfg: Config):
                 save_mix_grid(model, test_set, os.path.join(cfg.out, f"mix_epoch{epoch + 1:04d}.png"),
                               device, channels_last=cfg.channels_last)
         save(epoch + 1, 0, step, None)
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"non-finite training loss in epoch {epoch + 1}: {losses}; "
-                                     f"resume from an earlier checkpoint with a lower lr")
     if progress is not None:
         progress.close()
     summary = summarize(history, model, cfg, time.perf_counter() - t0)

@@ -43,12 +43,22 @@ def use_fused(tensor: torch.Tensor, fused=None) -> bool:
     return bool(fused)
 
 
+def _check_lam(lam):
+    """A float λ must lie in [0, 1]; a tensor λ is not read (that would sync the device)."""
+    if isinstance(lam, torch.Tensor):
+        if lam.dim() != 0:
+            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
+    elif not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+
+
 def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0, fused=None):
     """``lam * CE(logits, target_a) + (1 - lam) * CE(logits, target_b)``, mean over the batch.
 
     ``lam`` may be a Python float or a 0-d tensor (never read on the host). ``target_b=None``
     gives plain cross-entropy. Label smoothing follows ``F.cross_entropy(label_smoothing=)``.
     """
+    _check_lam(lam)
     if use_fused(logits, fused):
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
@@ -62,6 +72,7 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
 
 def mixup_images(x, index, lam, fused=None):
     """Input Mixup: ``lam * x + (1 - lam) * x[index]`` (``lam`` a float or 0-d tensor)."""
+    _check_lam(lam)
     if use_fused(x, fused):
         from fastmix.kernels.mask_mix import mix_images
         return mix_images(x, index, lam=lam)

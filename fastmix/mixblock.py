@@ -25,22 +25,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastmix.functional import upsample_mask
+from fastmix.functional import _check_lam, upsample_mask
 
 MASK_LOSS_MODES = ("L1", "L1+Variance")
 
 
 def _shape(t):
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _check_lam(lam):
-    """λ must lie in [0, 1]; a tensor λ is checked only for shape (reading it would sync)."""
-    if isinstance(lam, torch.Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam must be a scalar or a 0-d tensor, got shape {tuple(lam.shape)}")
-    elif not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam}")
 
 
 def _as_lam(lam, ref):
