@@ -195,6 +195,13 @@ class StepGuard:
         ok = torch.isfinite(loss.detach())
         if not self.enabled:
             return ok
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # A NaN on one rank reaches every rank's gradients through DDP's all-reduce: skip the
+            # step on all ranks together (a one-element all-reduce, no host read).
+            bad = (~ok).float()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            ok = bad == 0
         if not scaler.is_enabled():  # with fp16 the GradScaler's own found_inf does this
             optimizer.found_inf = (~ok).float()
             optimizer.grad_scale = None

@@ -219,3 +219,34 @@ def test_disk_full_on_checkpoint_keeps_last_good(tmp_path, monkeypatch, capsys):
     train(cfg)  # the run goes on
     assert "could not write checkpoint" in capsys.readouterr().err
     assert load_checkpoint(str(tmp_path / "last.pt"))["epoch"] == 1  # the last good one
+
+
+@pytest.mark.slow
+def test_ddp_nan_on_one_rank_is_skipped_on_all(tmp_path):
+    """Rank 1 gets a NaN batch (FASTMIX_POISON_BATCH, read by this test's runner script): both
+    ranks must skip that step, so the weights stay finite and both count one skipped step."""
+    runner = tmp_path / "run.py"
+    runner.write_text(textwrap.dedent(f"""
+        import sys, torch, torch.distributed as dist
+        sys.path.insert(0, {ROOT!r})
+        from fastmix.data import TensorLoader
+        orig = TensorLoader.__iter__
+        def poisoned(self):
+            for i, (x, y) in enumerate(orig(self)):
+                if self.train and self.epoch == 0 and i == 1 and dist.get_rank() == 1:
+                    x = x.clone(); x[0, 0, 0, 0] = float("nan")
+                yield x, y
+        TensorLoader.__iter__ = poisoned
+        import train
+        sys.exit(train.main(sys.argv[1:]))
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--standalone", str(runner), *TINY, "--method", "mixup", "--epochs", "1",
+                        "--out", str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rec = json.loads(open(tmp_path / "o" / "metrics.jsonl").read().splitlines()[-1])
+    assert rec["losses"]["skipped_steps"] == 1
+    state = load_checkpoint(str(tmp_path / "o" / "last.pt"))["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
