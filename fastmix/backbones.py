@@ -145,19 +145,20 @@ class FeatureTap(nn.Module):
         for name in self._names:
             if name not in modules:
                 raise ValueError(f"FeatureTap: the model has no submodule named {name!r}")
-        self._taps = {}
-        for name in self._names:
-            modules[name].register_forward_hook(self._hook(name))
-
-    def _hook(self, name):
-        def hook(_module, _inputs, output):
-            self._taps[name] = output
-        return hook
+            modules[name].register_forward_hook(_keep_output)
 
     def forward(self, x):
-        self._taps.clear()
         self.model(x)
-        return [self._taps.pop(n) for n in self._names]
+        modules = [self.model.get_submodule(name) for name in self._names]
+        outs = [m.__dict__.get("_fastmix_tap") for m in modules]
+        for m in modules:
+            m.__dict__.pop("_fastmix_tap", None)  # do not keep activations alive
+        return outs
+
+
+def _keep_output(module, _inputs, output):
+    # Stateless, so a deepcopy of the tapped model (AutoMix's momentum encoder) keeps its own.
+    module.__dict__["_fastmix_tap"] = output
 
 
 class TimmBackbone(nn.Module):

@@ -189,3 +189,37 @@ def test_api_misuse_errors():
         model.forward_train(x[0], y)
     with pytest.raises(ValueError, match="out_channels"):
         AutoMix(torch.nn.Conv2d(1, 4, 3), 10)
+
+
+def test_any_cnn_plugs_in_through_feature_tap():
+    from fastmix.backbones import FeatureTap
+    net = torch.nn.Sequential()
+    net.add_module("stem", torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, stride=2, padding=1), torch.nn.ReLU()))
+    net.add_module("mid", torch.nn.Sequential(torch.nn.Conv2d(8, 12, 3, stride=2, padding=1), torch.nn.ReLU()))
+    net.add_module("top", torch.nn.Sequential(torch.nn.Conv2d(12, 16, 3, stride=2, padding=1), torch.nn.ReLU()))
+    tap = FeatureTap(net, "mid", "top", (12, 16))
+    model = AutoMix(tap, 10, seed=0, fused=False)
+    x, y = batch(n=4)  # 16x16 -> stage "mid" 4x4, upsampled x4 to the image
+    loss, _ = model.forward_train(x, y)
+    loss.backward()
+    assert torch.isfinite(loss) and model.mix_block.query.weight.grad is not None
+    with pytest.raises(ValueError, match="no submodule named 'nope'"):
+        FeatureTap(net, "nope", "top", (12, 16))
+
+
+def test_k_early_exit_skips_stage4_of_the_clean_pass():
+    model = make_model(k_early_exit=True)
+    x, y = batch()
+    calls = []
+    model.backbone_k.layer4.register_forward_hook(lambda *a: calls.append(1))
+    model.forward_train(x, y)
+    assert len(calls) == 1  # only the pass on the Mix Block's images
+    plain = make_model()
+    calls.clear()
+    plain.backbone_k.layer4.register_forward_hook(lambda *a: calls.append(1))
+    plain.forward_train(x, y)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match="stop_at_stage3"):
+        from fastmix.backbones import FeatureTap
+        AutoMix(FeatureTap(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), "0", "0", (4, 4)), 10,
+                k_early_exit=True)
