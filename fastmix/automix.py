@@ -25,8 +25,7 @@ import torch
 
 from fastmix.backbones import ClsHead
 from fastmix.classifier import MixMethod
-from fastmix.functional import (mask_mix_images, mixed_cross_entropy, mixup_images,
-                                upsample_mask, use_fused)
+from fastmix.functional import mixed_cross_entropy, mixup_images, upsample_mask, use_fused
 from fastmix.mixblock import MixBlock
 from fastmix.schedules import ema_momentum
 

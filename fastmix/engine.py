@@ -6,7 +6,6 @@ epoch) and ``OUT/summary.json``.
 """
 import contextlib
 import json
-import math
 import os
 import statistics
 import sys
@@ -467,9 +466,13 @@ def train(cfg: Config):
         if state.get("world") != world:
             raise CheckpointError(f"checkpoint was written by {state.get('world')} processes, "
                                   f"this run has {world}")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {cfg.resume} does not fit this configuration "
+                                  f"(method/arch/dataset changed?): {str(e)[:300]}") from e
         start_epoch, skip_batches, step = state["epoch"], state["batch"], state["step"]
         history, partial = state["history"], state["partial"]
         _set_rng_states(model, state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])

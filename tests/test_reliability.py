@@ -250,3 +250,11 @@ def test_ddp_nan_on_one_rank_is_skipped_on_all(tmp_path):
     assert rec["losses"]["skipped_steps"] == 1
     state = load_checkpoint(str(tmp_path / "o" / "last.pt"))["model"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path):
+    r = run_cli(TINY + ["--epochs", "1", "--out", str(tmp_path)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run_cli(TINY + ["--epochs", "2", "--out", str(tmp_path), "--resume", "--arch", "resnet18_cifar"])
+    assert r.returncode == 2 and "does not fit this configuration" in r.stderr
+    assert "Traceback" not in r.stderr
