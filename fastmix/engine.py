@@ -205,7 +205,7 @@ class StepGuard:
             optimizer.found_inf = (~ok).float()
             optimizer.grad_scale = None
         for b, bk in zip(self.buffers, self.backup):
-            b.copy_(torch.where(ok, b, bk))
+            torch.where(ok, b, bk, out=b)  # one kernel per buffer, in place
         bad = (~ok).long()
         self.total += bad
         self.run = (self.run + 1) * bad
@@ -237,6 +237,13 @@ def _maybe_inject_fault(step):
         raise RuntimeError(f"injected fault (FASTMIX_INJECT_FAULT={_INJECT_FAULT})")
 
 
+def _merge(sums, keys, vec):
+    """Add a stacked vector of logged values (in ``keys`` order) into the per-key device sums."""
+    for k, v in zip(keys, vec.unbind()):
+        sums[k] = sums[k] + v if k in sums else v
+    return sums
+
+
 def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_steps, cfg, device,
                     progress=None, skip=0, partial=None, checkpoint=None, guard=None,
                     ckpt_hint="OUT/last.pt"):
@@ -252,7 +259,7 @@ def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_st
     guard = guard or StepGuard(model, device, enabled=False)
     sums = {k: v.to(device) for k, v in partial["sums"].items()} if partial else {}
     count = partial["count"] if partial else 0
-    images, elapsed, start = 0, 0.0, time.perf_counter()
+    images, elapsed, start, acc, keys = 0, 0.0, time.perf_counter(), None, []
     for batch, (x, y) in enumerate(loader):
         if batch < skip:
             continue
@@ -270,12 +277,15 @@ def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_st
         images += x.shape[0]
         _maybe_inject_fault(step)
         logs = dict(logs, loss=loss.detach(), finite_steps=ok)
-        for k, v in logs.items():
-            # host floats (λ) become device scalars: a fill, not a sync
-            v = v.detach().float() if isinstance(v, torch.Tensor) else torch.full((), float(v), device=device)
-            v = torch.where(ok, v, torch.zeros_like(v))  # a skipped step adds nothing
-            sums[k] = sums[k] + v if k in sums else v
+        # One stacked vector per step: host floats (λ) become device scalars (a fill, not a
+        # sync); a skipped step adds nothing.
+        keys = list(logs)
+        vec = torch.stack([v.detach().float() if isinstance(v, torch.Tensor)
+                           else torch.full((), float(v), device=device) for v in logs.values()])
+        vec = torch.where(ok, vec, torch.zeros_like(vec))
+        acc = vec if acc is None else acc + vec
         if count % cfg.log_every == 0:
+            sums, acc = _merge(sums, keys, acc), None
             guard.check(cfg.max_bad_steps, step, ckpt_hint)
             if progress is not None:
                 progress.set_postfix(loss=f"{float(sums['loss'] / sums['finite_steps'].clamp_min(1)):.3f}")
@@ -283,9 +293,13 @@ def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_st
             progress.update(1)
         if checkpoint is not None and step % cfg.checkpoint_every == 0 and batch + 1 < len(loader):
             elapsed += time.perf_counter() - start
+            if acc is not None:
+                sums, acc = _merge(sums, keys, acc), None
             checkpoint(batch + 1, step, {"sums": {k: v.detach().cpu() for k, v in sums.items()},
                                          "count": count})
             start = time.perf_counter()
+    if acc is not None:
+        sums = _merge(sums, keys, acc)
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed += time.perf_counter() - start
