@@ -568,4 +568,10 @@ def train(cfg: Config):
             json.dump(summary, f, indent=2)
         if cfg.export:
             summary["exported_head"] = export_classifier(model, cfg.export, cfg.export_head)
+    if world > 1:
+        # Leave together and tear the process group down: a gloo group alive at interpreter
+        # exit can abort a rank ("terminate called without an active exception").
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
     return summary
