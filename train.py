@@ -97,6 +97,7 @@ def parser():
     a("--channels-last", type=_bool, metavar="BOOL", help="channels-last memory format end to end (default true)")
     a("--compile", dest="compile", action="store_true", default=None, help="torch.compile the backbones (default on CUDA)")
     a("--no-compile", dest="compile", action="store_false", help="do not torch.compile")
+    a("--cuda-graphs", action="store_true", default=None, help="capture the whole training step in one CUDA graph and replay it (CUDA, one process, bf16 or fp32)")
     a("--optimizer-impl", choices=("torch", "apex"), help="torch SGD (fused=True on CUDA; default) or apex FusedSGD (needs apex)")
     a("--k-early-exit", action="store_true", default=None, help="AutoMix: the momentum encoder's clean pass stops at stage 3 (changes its stage-4 BN statistics; see README)")
     a("--resume", nargs="?", const="auto", help="resume from a checkpoint (no value: OUT/last.pt)")

@@ -5,9 +5,12 @@
 
 Configurations (the same model, data and batch; synthetic data already on the device):
   faithful  fp32, NCHW, no compile, eager ops, plus the official code's per-step host syncs
-            (a NaN check with .item() on the loss and the mask) -- a stand-in for the authors' code
+            (a NaN check with .item() on the loss) -- a stand-in for the authors' code
   careful   bf16 autocast + channels-last, eager ops, no compile (on the CPU: fp32)
-  fastmix   bf16 + channels-last + torch.compile of the backbones + fused Triton kernels + fused SGD
+  compiled  careful + torch.compile of the backbones: the eager reference, compiled (GPU only)
+  fastmix   compiled + fused Triton kernels + fused SGD + the NaN step guard: what train.py runs
+  graphs    fastmix with the whole step captured in one CUDA graph (train.py --cuda-graphs;
+            on the CPU the same static-tensor step runs uncaptured)
 Methods: automix, mixup, vanilla. Timing: CUDA events (GPU) or perf_counter (CPU) around
 ``--steps`` steps after ``--warmup`` steps; the median of ``--repeats`` such windows.
 """
@@ -22,16 +25,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastmix.engine import Config, autocast_context, build_model, build_optimizer  # noqa: E402
+from fastmix.engine import Config, build_model, build_optimizer  # noqa: E402
+from fastmix.step import CUDAGraphStep, StepGuard, TrainStep, autocast_context  # noqa: E402
 
-CONFIGS = ("faithful", "careful", "fastmix")
+CONFIGS = ("faithful", "careful", "compiled", "fastmix", "graphs")
+CPU_CONFIGS = ("faithful", "careful", "fastmix", "graphs")  # no torch.compile on the CPU
 
 
 def make_step(method, arch, batch, size, config, device, num_classes=100):
     cuda = device.type == "cuda"
-    cfg = Config(method=method, arch=arch, eager=config != "fastmix",
+    fast = config in ("fastmix", "graphs")
+    cfg = Config(method=method, arch=arch, eager=not fast,
                  amp="bf16" if cuda and config != "faithful" else "none",
-                 channels_last=config != "faithful", compile=config == "fastmix" and cuda)
+                 channels_last=config != "faithful",
+                 compile=cuda and config in ("compiled", "fastmix", "graphs"))
     torch.manual_seed(0)
     model = build_model(cfg, 3, num_classes).to(device)
     if cfg.channels_last:
@@ -40,7 +47,12 @@ def make_step(method, arch, batch, size, config, device, num_classes=100):
         for name in ("backbone_q", "backbone_k", "backbone"):
             if hasattr(model, name):
                 getattr(model, name).compile()
-    opt = build_optimizer(cfg, model, fused=cuda and config == "fastmix")
+    opt = build_optimizer(cfg, model, fused=fast)  # as in train.py (fused SGD exists on the CPU too)
+    guard = StepGuard(model, device, enabled=fast)
+    if config == "graphs":
+        fn = CUDAGraphStep(model, opt, guard, lambda: autocast_context(cfg, device, False), device)
+    else:
+        fn = TrainStep(model, opt, guard, lambda: autocast_context(cfg, device))
     x = torch.randn(batch, 3, size, size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -49,14 +61,9 @@ def make_step(method, arch, batch, size, config, device, num_classes=100):
     state = {"step": 0}
 
     def step():
-        with autocast_context(cfg, device):
-            loss, logs = model.forward_train(x, y)
+        loss, _, _ = fn(x, y, state["step"], 10 ** 6)
         if syncs and bool(torch.isnan(loss).any().item()):  # the official NaN check: a sync
             raise FloatingPointError("NaN loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        model.after_step(state["step"], 10 ** 6)
         state["step"] += 1
 
     return step
@@ -88,7 +95,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny CPU-sized shapes (forced without a GPU)")
     p.add_argument("--methods", default="automix,mixup,vanilla")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None, help="comma-separated (default: all that apply)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
@@ -103,6 +110,10 @@ def main(argv=None):
         shapes = [("resnet18_cifar", 32, 100), ("resnet18_cifar", 32, 256),
                   ("resnet50", 224, 64), ("resnet50", 224, 128)]
         steps, warmup = args.steps or 20, args.warmup or 10
+    configs = (args.configs or ",".join(CPU_CONFIGS if device.type != "cuda" else CONFIGS)).split(",")
+    unknown = set(configs) - set(CONFIGS)
+    if unknown:
+        p.error(f"unknown configs {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     dev_name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     try:
         import triton
@@ -120,21 +131,21 @@ def main(argv=None):
     results = {}
     for arch, size, batch in shapes:
         for method in args.methods.split(","):
-            for config in args.configs.split(","):
+            for config in configs:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
                 step = make_step(method, arch, batch, size, config, device)
                 ms = time_steps(step, device, steps, warmup, args.repeats)
-                peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
+                peak = f"{torch.cuda.max_memory_allocated() / 2 ** 20:.0f}" if device.type == "cuda" else "-"
                 results[(arch, size, batch, method, config)] = ms
                 base = results.get((arch, size, batch, method, "faithful"))
                 careful = results.get((arch, size, batch, method, "careful"))
+                ratio = lambda ref: f"{ref / ms:.2f}x" if ref else "-"  # noqa: E731
                 print(f"| {arch} | {size} | {batch} | {method} | {config} | {ms:.2f} | "
-                      f"{batch * 1000 / ms:.0f} | {peak:.0f} | "
-                      f"{base / ms if base else float('nan'):.2f}x | "
-                      f"{careful / ms if careful else float('nan'):.2f}x |", flush=True)
-        for config in args.configs.split(","):
+                      f"{batch * 1000 / ms:.0f} | {peak} | {ratio(base)} | {ratio(careful)} |",
+                      flush=True)
+        for config in configs:
             a, v = results.get((arch, size, batch, "automix", config)), results.get((arch, size, batch, "vanilla", config))
             if a and v:
                 print(f"| {arch} | {size} | {batch} | automix/vanilla step time | {config} | {a / v:.2f}x | | | | |")

@@ -32,6 +32,12 @@ from fastmix.schedules import ema_momentum
 HEADS = ("one_k", "mix_k", "one_q", "mix_q")
 
 
+def _select_mixup(fallback, lam, logits):
+    """Mask logits whose sigmoid is the constant 1 - λ where ``fallback`` (a device flag) is
+    set: the Mixup blend ``λ x + (1 - λ) x[index]`` as a mask (equal up to fp32 rounding)."""
+    return torch.where(fallback, torch.logit(1 - lam.float()), logits)
+
+
 class AutoMix(MixMethod):
     default_head = "one_k"      # the official inference model: momentum encoder + one-hot head
     head_names = HEADS
@@ -77,13 +83,22 @@ class AutoMix(MixMethod):
         self._ema_pairs = None
 
     # ---- the training step -------------------------------------------------------------
-    def forward_train(self, x, y):
-        self.check_batch(x, y)
-        n = x.shape[0]
+    def draw(self, x):
+        """Two independent draws: (λ_mb, index_mb) for the Mix Block, (λ_bb, index_bb) for
+        the backbone; λ from the host generator, the permutations on ``x``'s device."""
+        n, device = x.shape[0], x.device
         lam_mb, lam_bb = self.sample_lam(2)
-        index_mb = self.permutation(n, x.device, self.mix_shuffle_no_repeat)
-        index_bb = self.permutation(n, x.device, self.mix_shuffle_no_repeat)
-        mixup_fallback = lam_bb <= self.lam_margin or lam_bb >= 1 - self.lam_margin
+        return {"lam_mb": lam_mb, "lam_bb": lam_bb,
+                "index_mb": self.permutation(n, device, self.mix_shuffle_no_repeat),
+                "index_bb": self.permutation(n, device, self.mix_shuffle_no_repeat)}
+
+    def losses(self, x, y, draw):
+        lam_mb, lam_bb = draw["lam_mb"], draw["lam_bb"]
+        index_mb, index_bb = draw["index_mb"], draw["index_bb"]
+        # The BB sample falls back to Mixup when λ_bb is within lam_margin of 0 or 1: a host
+        # branch for a float λ, a device flag (both branches computed, one selected) for a
+        # tensor λ, as in a CUDA graph.
+        mixup_fallback = (lam_bb <= self.lam_margin) | (lam_bb >= 1 - self.lam_margin)
 
         with torch.no_grad():
             z = (self.backbone_k(x, stop_at_stage3=True) if self.k_early_exit else self.backbone_k(x))[0]
@@ -110,13 +125,19 @@ class AutoMix(MixMethod):
     def _mix_eager(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback):
         """The faithful reference: full-resolution masks [N, 2, H, W], blended in PyTorch."""
         size = x.shape[-2:]
-        mask_mb = self.mix_block(z, lam_mb, index_mb, size)
+        mb = self.mix_block
+        mask_mb = mb(z, lam_mb, index_mb, size)
         x_mb = x * mask_mb[:, 0:1] + x[index_mb] * mask_mb[:, 1:2]
-        if mixup_fallback:
+        if isinstance(mixup_fallback, torch.Tensor):
+            with torch.no_grad():
+                logits_bb = _select_mixup(mixup_fallback, lam_bb, mb.mask_logits(z, lam_bb, index_bb))
+                mask_bb = mb.mask_from_logits(logits_bb, size)
+            x_bb = x * mask_bb[:, 0:1] + x[index_bb] * mask_bb[:, 1:2]
+        elif mixup_fallback:
             x_bb = mixup_images(x, index_bb, lam_bb, fused=False)
         else:
             with torch.no_grad():
-                mask_bb = self.mix_block(z, lam_bb, index_bb, size)
+                mask_bb = mb(z, lam_bb, index_bb, size)
             x_bb = x * mask_bb[:, 0:1] + x[index_bb] * mask_bb[:, 1:2]
         return x_mb.to(x.dtype), x_bb.to(x.dtype), mask_mb[:, 1]
 
@@ -128,12 +149,14 @@ class AutoMix(MixMethod):
         qk, v = mb.project(z)
         logits_mb = mb.mask_logits_fused((qk, v), lam_mb, index_mb, hw)
         mode = mb.upsample
-        if mixup_fallback:
-            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, lam_b=lam_bb, mode=mode)
-        else:
+        if isinstance(mixup_fallback, torch.Tensor) or not mixup_fallback:
             with torch.no_grad():
                 logits_bb = mb.mask_logits_fused((qk.detach(), v.detach()), lam_bb, index_bb, hw)
+                if isinstance(mixup_fallback, torch.Tensor):
+                    logits_bb = _select_mixup(mixup_fallback, lam_bb, logits_bb)
             x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, logits_bb, mode=mode)
+        else:
+            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, lam_b=lam_bb, mode=mode)
         size = x.shape[-2:]
         if mode == "nearest" and size[0] % hw[0] == 0 and size[1] % hw[1] == 0:
             # Each low-res cell is repeated an equal number of times: the mean and variance of
@@ -156,23 +179,41 @@ class AutoMix(MixMethod):
 
     @torch.no_grad()
     def momentum_update(self, m, finite=None):
-        """θ_k <- m θ_k + (1 - m) θ_q over parameters (not buffers), one multi-tensor op.
+        """θ_k <- m θ_k + (1 - m) θ_q over parameters (not buffers); see ``ema_update``."""
+        self.ema_update(1.0 - m, finite)
 
-        ``finite`` (0-d bool tensor): when False the update is a no-op, decided on the device."""
-        if m >= 1:
+    @torch.no_grad()
+    def ema_update(self, weight, finite=None):
+        """θ_k <- θ_k + w (θ_q - θ_k), w = 1 - m, as multi-tensor ops.
+
+        ``weight`` is a float (computed in float64 on the host: 1 - 0.999999 would lose 1% in
+        fp32) or a 0-d device tensor; ``finite`` (0-d bool tensor): when False the update is a
+        no-op, decided on the device. A tensor weight goes through the foreach ``.Tensor``
+        overloads (the formula ``lerp`` uses for w < 0.5): ``_foreach_lerp_`` takes only a
+        Python-scalar weight, and handing it a tensor reads the device (a host sync)."""
+        tensor_w = isinstance(weight, torch.Tensor)
+        if not tensor_w and weight <= 0:
             return
         k, q = self._pairs()
         q = [p.detach() for p in q]
-        if finite is None:
-            torch._foreach_lerp_(k, q, 1.0 - m)
-        else:
-            torch._foreach_lerp_(k, q, finite.to(k[0].dtype) * (1.0 - m))
+        if finite is None and not tensor_w:
+            torch._foreach_lerp_(k, q, weight)
+            return
+        w = weight if tensor_w else torch.full((), weight, dtype=k[0].dtype, device=k[0].device)
+        if finite is not None:
+            w = finite.to(w.dtype) * w
+        delta = torch._foreach_sub(q, k)
+        torch._foreach_mul_(delta, w.to(k[0].dtype))
+        torch._foreach_add_(k, delta)
 
     def ema_momentum(self, step, total_steps):
         return ema_momentum(step, total_steps, self.momentum, self.momentum_end, self.momentum_warmup)
 
-    def after_step(self, step, total_steps, finite=None):
-        self.momentum_update(self.ema_momentum(step, total_steps), finite)
+    def step_scalars(self, step, total_steps):
+        return {"ema_weight": 1.0 - self.ema_momentum(step, total_steps)}
+
+    def apply_step_scalars(self, scalars, finite=None):
+        self.ema_update(scalars["ema_weight"], finite)
 
     def _apply(self, fn, *args, **kwargs):
         self._ema_pairs = None  # .to()/.cuda() may replace parameter tensors

@@ -3,10 +3,16 @@ the batch checks, and the interface the trainer drives.
 
 A method is an ``nn.Module`` with
 - ``forward_train(x, y) -> (loss, logs)``: one training step's scalar loss and a dict of
-  0-d tensors to log (never read on the host inside the step);
+  0-d tensors to log (never read on the host inside the step); it is
+  ``losses(x, y, draw(x))``: ``draw`` makes the step's random choices (host floats and
+  ints from the numpy generator, device permutations) and ``losses`` is the rest. ``losses``
+  also takes every drawn value as a device tensor (``fastmix.step.StaticDraw``), which is
+  how a CUDA graph replays the step with new draws;
 - ``predict(x) -> {head_name: logits}`` in eval mode; ``default_head`` names the one used for
   inference;
 - ``after_step(step, total_steps, finite=None)``: after every optimizer step (AutoMix's EMA);
+  it is ``apply_step_scalars(step_scalars(step, total_steps), finite)``, split the same way
+  (the schedule's host floats, then device work that also takes them as tensors);
 - ``rng_state()`` / ``load_rng_state(state)``: the host RNG, for exact resumption.
 """
 import numpy as np
@@ -68,13 +74,34 @@ class MixMethod(nn.Module):
         if y.device != x.device:
             raise ValueError(f"labels are on {y.device} but images are on {x.device}")
 
+    def draw(self, x):
+        """The random choices of one step for batch ``x`` (a dict; see the module doc). Only
+        ``x``'s shape and device are used."""
+        raise NotImplementedError
+
+    def losses(self, x, y, draw):
+        """``(loss, logs)`` of one step given ``draw`` (host values or device tensors)."""
+        raise NotImplementedError
+
+    def forward_train(self, x, y):
+        self.check_batch(x, y)
+        return self.losses(x, y, self.draw(x))
+
     def forward(self, x, y):
         """``forward_train``: so DDP (which hooks ``forward``) wraps the training step."""
         return self.forward_train(x, y)
 
+    def step_scalars(self, step, total_steps):
+        """Host floats the after-step update needs at ``step`` (a dict; none by default)."""
+        return {}
+
+    def apply_step_scalars(self, scalars, finite=None):
+        """The after-step update given ``step_scalars``' values (floats or 0-d tensors)."""
+
     def after_step(self, step, total_steps, finite=None):
         """Called after every optimizer step; ``finite`` (a 0-d bool device tensor or None)
         says whether the step was applied (False: it was skipped for a non-finite loss)."""
+        self.apply_step_scalars(self.step_scalars(step, total_steps), finite)
 
     def rng_state(self):
         return self.rng.bit_generator.state

@@ -4,7 +4,6 @@ Reads top to bottom: ``build_model`` -> ``build_optimizer`` -> ``train`` (epochs
 ``train_one_epoch`` and ``evaluate``), writing ``OUT/metrics.jsonl`` (one JSON object per
 epoch) and ``OUT/summary.json``.
 """
-import contextlib
 import json
 import os
 import statistics
@@ -20,6 +19,7 @@ from fastmix.backbones import build_backbone
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.mixup import BASELINES, MixupClassifier
 from fastmix.schedules import cosine
+from fastmix.step import CUDAGraphStep, StepGuard, TrainStep, autocast_context  # noqa: F401
 
 METHODS = ("automix",) + BASELINES
 
@@ -61,6 +61,7 @@ class Config:
     amp: str = "auto"             # bf16 | fp16 | none | auto (bf16 on CUDA, none on CPU)
     channels_last: bool = True    # channels-last end to end (also faster on the CPU: 1.25x, bench/train_step.py)
     compile: bool = None          # torch.compile the backbones; None: on for CUDA
+    cuda_graphs: bool = False     # capture the whole step in a CUDA graph and replay it
     optimizer_impl: str = "torch"  # torch (fused=True on CUDA) | apex (FusedSGD)
     k_early_exit: bool = False
     resume: str = None            # a checkpoint path, or "auto" for OUT/last.pt
@@ -169,60 +170,6 @@ class NonFiniteLossError(FloatingPointError):
     """Too many consecutive training steps had a NaN/Inf loss."""
 
 
-class StepGuard:
-    """Skip a step whose loss is NaN/Inf without reading the device.
-
-    The fused optimizer gets ``found_inf`` (it leaves parameters and momentum untouched), the EMA
-    weight is multiplied by the finite flag, and the BatchNorm buffers the poisoned forward
-    passes moved are put back. Bad steps are counted on the device; ``check`` reads the counters
-    (every ``log_every`` steps and at the end of an epoch).
-    """
-
-    def __init__(self, model, device, enabled=True):
-        self.enabled = enabled
-        self.buffers = [b for b in model.buffers() if b.is_floating_point()] if enabled else []
-        self.backup = [b.clone() for b in self.buffers]
-        z = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
-        self.total, self.run, self.max_run = z(), z(), z()
-
-    def before(self):
-        if self.buffers:
-            torch._foreach_copy_(self.backup, self.buffers)
-
-    def after_backward(self, loss, optimizer, scaler):
-        """Returns the 0-d bool ``finite`` flag of this step (a device tensor)."""
-        ok = torch.isfinite(loss.detach())
-        if not self.enabled:
-            return ok
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # A NaN on one rank reaches every rank's gradients through DDP's all-reduce: skip the
-            # step on all ranks together (a one-element all-reduce, no host read).
-            bad = (~ok).float()
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            ok = bad == 0
-        if not scaler.is_enabled():  # with fp16 the GradScaler's own found_inf does this
-            optimizer.found_inf = (~ok).float()
-            optimizer.grad_scale = None
-        for b, bk in zip(self.buffers, self.backup):
-            torch.where(ok, b, bk, out=b)  # one kernel per buffer, in place
-        bad = (~ok).long()
-        self.total += bad
-        self.run = (self.run + 1) * bad
-        torch.maximum(self.max_run, self.run, out=self.max_run)
-        return ok
-
-    def check(self, limit, step, ckpt_hint):
-        if not self.enabled:
-            return
-        worst = int(self.max_run)
-        if worst >= limit:
-            raise NonFiniteLossError(
-                f"{worst} consecutive training steps had a NaN/Inf loss (by step {step}; "
-                f"{int(self.total)} bad steps in all); training stopped. Check the data for NaN "
-                f"or lower --lr (or use --amp bf16 rather than fp16), then resume from {ckpt_hint}")
-
-
 # "RANK:STEP": raise in that rank after that step (the fault-injection tests use it)
 _INJECT_FAULT = os.environ.get("FASTMIX_INJECT_FAULT")
 
@@ -244,12 +191,12 @@ def _merge(sums, keys, vec):
     return sums
 
 
-def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_steps, cfg, device,
-                    progress=None, skip=0, partial=None, checkpoint=None, guard=None,
-                    ckpt_hint="OUT/last.pt"):
+def train_one_epoch(step_fn, model, loader, step, total_steps, cfg, device, progress=None,
+                    skip=0, partial=None, checkpoint=None, guard=None, ckpt_hint="OUT/last.pt"):
     """One epoch; returns (next step, mean of every logged value over finite steps, images/s).
 
-    ``step_model`` is ``model`` or its DDP wrapper. Nothing is read from the device inside the
+    ``step_fn(x, y, step, total_steps) -> (loss, logs, finite)`` is a ``TrainStep`` or a
+    ``CUDAGraphStep``; ``guard`` is its ``StepGuard``. Nothing is read from the device inside the
     step: logged values are summed on the device and read at the end of the epoch (and every
     ``cfg.log_every`` steps for the progress bar and the bad-step check). On resume, the first
     ``skip`` batches are drawn (so the loader's random streams advance exactly as before) but not
@@ -263,20 +210,12 @@ def train_one_epoch(step_model, model, optimizer, scaler, loader, step, total_st
     for batch, (x, y) in enumerate(loader):
         if batch < skip:
             continue
-        guard.before()
-        with autocast_context(cfg, device):
-            loss, logs = step_model(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        ok = guard.after_backward(loss, optimizer, scaler)
-        scaler.step(optimizer)
-        scaler.update()
-        model.after_step(step, total_steps, ok)
+        loss, logs, ok = step_fn(x, y, step, total_steps)
         step += 1
         count += 1
         images += x.shape[0]
         _maybe_inject_fault(step)
-        logs = dict(logs, loss=loss.detach(), finite_steps=ok)
+        logs = dict(logs, loss=loss, finite_steps=ok)
         # One stacked vector per step: host floats (λ) become device scalars (a fill, not a
         # sync); a skipped step adds nothing.
         keys = list(logs)
@@ -345,13 +284,6 @@ def init_distributed():
     return rank, world, local
 
 
-def autocast_context(cfg, device):
-    if cfg.amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
-
-
 def resolve_runtime(cfg: Config, device):
     """Fill the ``auto`` switches: bf16 and torch.compile on CUDA; fp32, eager on the CPU."""
     cuda = device.type == "cuda"
@@ -363,6 +295,14 @@ def resolve_runtime(cfg: Config, device):
         raise ValueError(f"amp must be bf16, fp16, none or auto, got {cfg.amp!r}")
     if cfg.amp == "fp16" and not cuda:
         raise ValueError("--amp fp16 needs a CUDA device (use bf16 or none on the CPU)")
+    if cfg.cuda_graphs:
+        if not cuda:
+            raise ValueError("--cuda-graphs needs a CUDA device")
+        if cfg.amp == "fp16":
+            raise ValueError("--cuda-graphs works with --amp bf16 or none (the fp16 GradScaler's "
+                             "update is not captured)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--cuda-graphs runs in one process; under torchrun leave it off")
     return cfg
 
 
@@ -525,6 +465,12 @@ def train(cfg: Config):
                   f"checkpoint, if any, is intact", file=sys.stderr)
 
     guard = StepGuard(model, device)
+    if cfg.cuda_graphs:
+        step_fn = CUDAGraphStep(model, optimizer, guard, lambda: autocast_context(cfg, device, False),
+                                device)
+    else:
+        step_fn = TrainStep(model, optimizer, guard, lambda: autocast_context(cfg, device), scaler,
+                            step_model)
     progress = None
     if cfg.progress and rank == 0:
         from tqdm.auto import tqdm
@@ -534,7 +480,7 @@ def train(cfg: Config):
         set_epoch_lr(optimizer, epoch, cfg.epochs)
         train_loader.set_epoch(epoch)
         step, losses, ips = train_one_epoch(
-            step_model, model, optimizer, scaler, train_loader, step, total_steps, cfg, device,
+            step_fn, model, train_loader, step, total_steps, cfg, device,
             progress, skip=skip_batches, partial=partial,
             checkpoint=(lambda b, st, sums, e=epoch: save(e, b, st, sums)) if cfg.checkpoint_every else None,
             guard=guard, ckpt_hint=ckpt_path)

@@ -133,7 +133,17 @@ def cutmix_box(height, width, lam, rng):
 
 
 def cutmix_images(x, index, box):
-    """Paste ``x[index]``'s box into ``x`` (a new tensor; ``x`` is left unchanged)."""
+    """Paste ``x[index]``'s box into ``x`` (a new tensor; ``x`` is left unchanged).
+
+    ``box`` is ``(y0, y1, x0, x1)`` as host ints (slicing) or as a 4-element device tensor
+    (a select over an in-box mask: same result, fixed shapes, so it can be graph-captured)."""
+    if isinstance(box, torch.Tensor):
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        inside = (((rows >= box[0]) & (rows < box[1]))[:, None] &
+                  ((cols >= box[2]) & (cols < box[3]))[None, :])
+        return torch.where(inside, x[index], x)
     y0, y1, x0, x1 = box[:4]
     out = x.clone()
     out[:, :, y0:y1, x0:x1] = x[index, :, y0:y1, x0:x1]

@@ -111,7 +111,10 @@ class MixBlock(nn.Module):
 
     def forward(self, z, lam, index, size, mode=None):
         """The full mask ``[N, 2, H, W]`` at image ``size``: channel 1 weights ``x[index]``."""
-        logits = self.mask_logits(z, lam, index)
+        return self.mask_from_logits(self.mask_logits(z, lam, index), size, mode)
+
+    def mask_from_logits(self, logits, size, mode=None):
+        """``[1 - m, m]`` with ``m = sigmoid(upsample(logits))`` at image ``size``."""
         m = torch.sigmoid(upsample_mask(logits, size, mode or self.upsample).float())
         return torch.cat([1 - m, m], dim=1)
 

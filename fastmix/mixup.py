@@ -29,20 +29,34 @@ class MixupClassifier(MixMethod):
     def logits(self, x):
         return self.head(self.backbone(x)[-1])
 
-    def mix(self, x, y):
-        """``(mixed images, y_a, y_b, λ)`` for this batch."""
+    def draw(self, x):
+        """λ and the permutation (and CutMix's box, as host ints) of one step; nothing for vanilla."""
         if self.method == "vanilla" or self.alpha == 0:
-            return x, y, None, 1.0
+            return {}
         lam = self.sample_lam()
         index = self.permutation(x.shape[0], x.device)
         if self.method == "mixup":
-            return mixup_images(x, index, lam, fused=self.fused), y, y[index], lam
-        box = cutmix_box(x.shape[-2], x.shape[-1], lam, self.rng)
-        return cutmix_images(x, index, box), y, y[index], box[4]
+            return {"lam": lam, "index": index}
+        *box, lam_adjusted = cutmix_box(x.shape[-2], x.shape[-1], lam, self.rng)
+        return {"lam": lam_adjusted, "index": index, "box": tuple(box)}
 
-    def forward_train(self, x, y):
-        self.check_batch(x, y)
-        x_mix, y_a, y_b, lam = self.mix(x, y)
+    def mix_with(self, x, y, draw):
+        """``(mixed images, y_a, y_b, λ)`` for this batch and ``draw``."""
+        if not draw:
+            return x, y, None, 1.0
+        index = draw["index"]
+        if self.method == "mixup":
+            x_mix = mixup_images(x, index, draw["lam"], fused=self.fused)
+        else:
+            x_mix = cutmix_images(x, index, draw["box"])
+        return x_mix, y, y[index], draw["lam"]
+
+    def mix(self, x, y):
+        """``(mixed images, y_a, y_b, λ)`` for this batch, with a fresh draw."""
+        return self.mix_with(x, y, self.draw(x))
+
+    def losses(self, x, y, draw):
+        x_mix, y_a, y_b, lam = self.mix_with(x, y, draw)
         loss = mixed_cross_entropy(self.logits(x_mix), y_a, y_b, lam, self.label_smoothing,
                                    fused=self.fused)
         return loss, {"loss_cls": loss.detach()}

@@ -1,0 +1,261 @@
+"""One training step, two ways: ``TrainStep`` (eager) and ``CUDAGraphStep`` (captured once, replayed).
+
+Both are called as ``step_fn(x, y, step, total_steps) -> (loss, logs, finite)`` and do the same
+work: the method's random draws, forward under autocast, backward, a guarded optimizer step
+(``StepGuard``: a NaN/Inf step is skipped on the device) and the after-step update (AutoMix's
+EMA of the momentum encoder). Neither reads device memory on the host.
+
+``CUDAGraphStep`` keeps every per-step input in static device tensors updated in place before
+each replay: the batch (``copy_``), the draws (λ, CutMix box: ``fill_`` of host values;
+permutations: ``copy_`` of a device ``randperm``), the EMA weight and the learning rates
+(``fill_`` when they change). The step body itself is the method's ``losses`` with tensors
+where the eager step has host numbers; host branches on λ (AutoMix's ``lam_margin`` Mixup
+fallback) become device selects. The draws are made on the host in the same order as the
+eager step, so both see the same random stream.
+"""
+import contextlib
+
+import torch
+
+
+def autocast_context(cfg, device, cache_enabled=True):
+    """bf16 / fp16 autocast per ``cfg.amp`` (``none``: no autocast). A captured step needs
+    ``cache_enabled=False`` (the cast-weight cache must not outlive the capture)."""
+    if cfg.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+class StepGuard:
+    """Skip a step whose loss is NaN/Inf without reading the device.
+
+    The fused optimizer gets ``found_inf`` (it leaves parameters and momentum untouched), the EMA
+    weight is multiplied by the finite flag, and the BatchNorm buffers the poisoned forward
+    passes moved are put back. Bad steps are counted on the device (in place, so a captured
+    step updates the same counters); ``check`` reads them (every ``log_every`` steps and at the
+    end of an epoch).
+    """
+
+    def __init__(self, model, device, enabled=True):
+        self.enabled = enabled
+        self.buffers = [b for b in model.buffers() if b.is_floating_point()] if enabled else []
+        self.backup = [b.clone() for b in self.buffers]
+        z = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
+        self.total, self.run, self.max_run = z(), z(), z()
+
+    def before(self):
+        if self.buffers:
+            torch._foreach_copy_(self.backup, self.buffers)
+
+    def after_backward(self, loss, optimizer, scaler=None):
+        """Returns the 0-d bool ``finite`` flag of this step (a device tensor)."""
+        ok = torch.isfinite(loss.detach())
+        if not self.enabled:
+            return ok
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # A NaN on one rank reaches every rank's gradients through DDP's all-reduce: skip the
+            # step on all ranks together (a one-element all-reduce, no host read).
+            bad = (~ok).float()
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            ok = bad == 0
+        if scaler is None or not scaler.is_enabled():  # with fp16 the GradScaler does this
+            optimizer.found_inf = (~ok).float()
+            optimizer.grad_scale = None
+        for b, bk in zip(self.buffers, self.backup):
+            torch.where(ok, b, bk, out=b)  # one kernel per buffer, in place
+        bad = (~ok).long()
+        self.total.add_(bad)
+        self.run.add_(1).mul_(bad)
+        torch.maximum(self.max_run, self.run, out=self.max_run)
+        return ok
+
+    def check(self, limit, step, ckpt_hint):
+        if not self.enabled:
+            return
+        worst = int(self.max_run)
+        if worst >= limit:
+            from fastmix.engine import NonFiniteLossError
+            raise NonFiniteLossError(
+                f"{worst} consecutive training steps had a NaN/Inf loss (by step {step}; "
+                f"{int(self.total)} bad steps in all); training stopped. Check the data for NaN "
+                f"or lower --lr (or use --amp bf16 rather than fp16), then resume from {ckpt_hint}")
+
+
+class TrainStep:
+    """The eager step. ``step_model`` is ``model`` or its DDP wrapper (DDP hooks ``forward``)."""
+
+    def __init__(self, model, optimizer, guard, autocast, scaler=None, step_model=None):
+        self.model, self.optimizer, self.guard, self.autocast = model, optimizer, guard, autocast
+        self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+        self.step_model = step_model or model
+
+    def __call__(self, x, y, step, total_steps):
+        self.guard.before()
+        with self.autocast():
+            loss, logs = self.step_model(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        ok = self.guard.after_backward(loss, self.optimizer, self.scaler)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.model.after_step(step, total_steps, ok)
+        return loss.detach(), logs, ok
+
+
+class StaticDraw(dict):
+    """Device tensors holding one step's draws, updated in place (``update_from``).
+
+    Host floats become 0-d fp32 tensors, host bools 0-d bool tensors, tuples of ints 1-d int64
+    tensors, device tensors static copies of the same shape and dtype.
+    """
+
+    def __init__(self, values, device):
+        super().__init__()
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                self[k] = torch.empty_like(v, device=device)
+            elif isinstance(v, bool):
+                self[k] = torch.zeros((), dtype=torch.bool, device=device)
+            elif isinstance(v, (int, float)):
+                self[k] = torch.zeros((), dtype=torch.float32, device=device)
+            elif isinstance(v, (tuple, list)):
+                self[k] = torch.zeros(len(v), dtype=torch.int64, device=device)
+            else:
+                raise TypeError(f"cannot hold draw {k!r} of type {type(v).__name__} in a tensor")
+        self.update_from(values)
+
+    def update_from(self, values):
+        if values.keys() != self.keys():
+            raise ValueError(f"the draw changed its keys: {sorted(values)} vs {sorted(self)}")
+        for k, v in values.items():
+            t = self[k]
+            if isinstance(v, torch.Tensor):
+                if v.shape != t.shape:
+                    raise ValueError(f"draw {k!r} changed shape: {tuple(v.shape)} vs {tuple(t.shape)}")
+                t.copy_(v)
+            elif isinstance(v, (tuple, list)):
+                for i, e in enumerate(v):
+                    t[i].fill_(e)  # a fill with a host scalar: a kernel argument, no copy
+            else:
+                t.fill_(v)
+
+
+class CUDAGraphStep:
+    """The whole step captured in one CUDA graph and replayed (``--cuda-graphs``).
+
+    The first ``warmup`` calls run the step body eagerly on a side stream (real training steps:
+    they compile, autotune and create the optimizer's momentum buffers); the next call captures
+    it and every later call replays it. With ``capture=False`` (any device, the CPU included)
+    the same static-tensor body runs eagerly every call: that is what the CPU tests compare
+    with ``TrainStep``. A batch of another shape runs the body eagerly (not captured) with the
+    same semantics. Needs one process (no DDP) and no GradScaler (bf16 or fp32).
+    """
+
+    def __init__(self, model, optimizer, guard, autocast, device, warmup=3, capture=None):
+        self.model, self.optimizer, self.guard, self.autocast = model, optimizer, guard, autocast
+        self.device = torch.device(device)
+        self.capture = self.device.type == "cuda" if capture is None else capture
+        if self.capture and self.device.type != "cuda":
+            raise ValueError("CUDA graph capture needs a CUDA device")
+        self.warmup = max(int(warmup), 1)
+        self.calls = 0
+        self.graph = None
+        self.outputs = None
+        self.x = self.y = self.draw = self.scalars = None
+        self.lr = [torch.zeros((), dtype=torch.float32, device=self.device)
+                   for _ in optimizer.param_groups]
+        self.lr_value = [None] * len(self.lr)
+
+    # ---- static inputs ---------------------------------------------------------------
+    def _load(self, x, y, draw, scalars):
+        if self.x is None:
+            self.x = torch.empty_like(x)  # keeps x's memory format (channels-last)
+            self.y = torch.empty_like(y)
+            self.draw = StaticDraw(draw, self.device)
+            self.scalars = StaticDraw(scalars, self.device)
+        else:
+            self.draw.update_from(draw)
+            self.scalars.update_from(scalars)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        for i, g in enumerate(self.optimizer.param_groups):
+            lr = g["lr"]
+            if isinstance(lr, torch.Tensor):
+                raise TypeError("CUDAGraphStep manages the learning rate tensors; set param "
+                                "group lr values as floats")
+            if lr != self.lr_value[i]:
+                self.lr[i].fill_(lr)
+                self.lr_value[i] = lr
+
+    @contextlib.contextmanager
+    def _tensor_lr(self):
+        """The optimizer reads the static lr tensors inside the step and floats outside it
+        (checkpoints, logs and schedules keep seeing floats)."""
+        groups = self.optimizer.param_groups
+        floats = [g["lr"] for g in groups]
+        for g, t in zip(groups, self.lr):
+            g["lr"] = t
+        try:
+            yield
+        finally:
+            for g, v in zip(groups, floats):
+                g["lr"] = v
+
+    def _body(self):
+        self.guard.before()
+        with self.autocast():
+            loss, logs = self.model.losses(self.x, self.y, self.draw)
+        loss.backward()
+        ok = self.guard.after_backward(loss, self.optimizer)
+        with self._tensor_lr():
+            self.optimizer.step()
+        self.model.apply_step_scalars(self.scalars, ok)
+        logs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
+        return loss.detach(), logs, ok
+
+    def _eager_body(self):
+        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        return self._body()
+
+    # ---- the call ----------------------------------------------------------------------
+    def __call__(self, x, y, step, total_steps):
+        self.model.check_batch(x, y)
+        draw = self.model.draw(x)
+        scalars = self.model.step_scalars(step, total_steps)
+        if self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape):
+            # Another batch shape (a last partial batch): same step, not captured.
+            with self.autocast():
+                loss, logs = self.model.losses(x, y, draw)
+            self.optimizer.zero_grad(set_to_none=self.graph is None)
+            loss.backward()
+            ok = self.guard.after_backward(loss, self.optimizer)
+            self.optimizer.step()
+            self.model.after_step(step, total_steps, ok)
+            return loss.detach(), logs, ok
+        self._load(x, y, draw, scalars)
+        self.calls += 1
+        if not self.capture:
+            return self._eager_body()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.outputs
+        main = torch.cuda.current_stream(self.device)
+        if self.calls <= self.warmup:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                out = self._eager_body()
+            main.wait_stream(side)
+            return out
+        # Capture: grads are None so the captured backward writes (not adds) them, in the
+        # graph's memory pool, where every replay finds them again. thread_local: CUDA calls
+        # from other threads (DALI's prefetching) stay legal during the capture.
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            self.outputs = self._body()
+        self.graph = graph
+        graph.replay()  # the capture recorded the step without running it
+        return self.outputs
