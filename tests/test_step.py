@@ -242,6 +242,18 @@ def test_cuda_graphs_flag_is_refused_on_cpu():
     assert "--cuda-graphs needs a CUDA device" in r.stderr
 
 
+def test_cuda_graphs_refuses_fp16_and_ddp(monkeypatch):
+    from fastmix.engine import resolve_runtime
+    cuda = torch.device("cuda")  # only the device type is read
+    with pytest.raises(ValueError, match="bf16 or none"):
+        resolve_runtime(Config(cuda_graphs=True, amp="fp16"), cuda)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="one process"):
+        resolve_runtime(Config(cuda_graphs=True), cuda)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert resolve_runtime(Config(cuda_graphs=True), cuda).amp == "bf16"
+
+
 def test_capture_needs_cuda():
     model = make("vanilla")
     opt = build_optimizer(Config(), model)
