@@ -19,7 +19,8 @@ from fastmix.backbones import build_backbone
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.mixup import BASELINES, MixupClassifier
 from fastmix.schedules import cosine
-from fastmix.step import CUDAGraphStep, StepGuard, TrainStep, autocast_context  # noqa: F401
+from fastmix.step import (CUDAGraphStep, NonFiniteLossError, StepGuard, TrainStep,  # noqa: F401
+                          autocast_context)
 
 METHODS = ("automix",) + BASELINES
 
@@ -164,10 +165,6 @@ def evaluate(model, loader, world=1):
         dist.all_reduce(counts)
         correct, total = counts[:-1], counts[-1].item()
     return {k: 100.0 * float(c) / total for k, c in zip(names, correct.tolist())}
-
-
-class NonFiniteLossError(FloatingPointError):
-    """Too many consecutive training steps had a NaN/Inf loss."""
 
 
 # "RANK:STEP": raise in that rank after that step (the fault-injection tests use it)

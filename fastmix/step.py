@@ -27,6 +27,10 @@ def autocast_context(cfg, device, cache_enabled=True):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive training steps had a NaN/Inf loss."""
+
+
 class StepGuard:
     """Skip a step whose loss is NaN/Inf without reading the device.
 
@@ -76,7 +80,6 @@ class StepGuard:
             return
         worst = int(self.max_run)
         if worst >= limit:
-            from fastmix.engine import NonFiniteLossError
             raise NonFiniteLossError(
                 f"{worst} consecutive training steps had a NaN/Inf loss (by step {step}; "
                 f"{int(self.total)} bad steps in all); training stopped. Check the data for NaN "
@@ -84,18 +87,22 @@ class StepGuard:
 
 
 class TrainStep:
-    """The eager step. ``step_model`` is ``model`` or its DDP wrapper (DDP hooks ``forward``)."""
+    """The eager step. ``step_model`` is ``model`` or its DDP wrapper (DDP hooks ``forward``).
 
-    def __init__(self, model, optimizer, guard, autocast, scaler=None, step_model=None):
+    ``draw``: use these draws (``model.losses``) rather than making new ones (``step_model``)."""
+
+    def __init__(self, model, optimizer, guard, autocast, scaler=None, step_model=None,
+                 set_to_none=True):
         self.model, self.optimizer, self.guard, self.autocast = model, optimizer, guard, autocast
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.step_model = step_model or model
+        self.set_to_none = set_to_none
 
-    def __call__(self, x, y, step, total_steps):
+    def __call__(self, x, y, step, total_steps, draw=None):
         self.guard.before()
         with self.autocast():
-            loss, logs = self.step_model(x, y)
-        self.optimizer.zero_grad(set_to_none=True)
+            loss, logs = self.step_model(x, y) if draw is None else self.model.losses(x, y, draw)
+        self.optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
         ok = self.guard.after_backward(loss, self.optimizer, self.scaler)
         self.scaler.step(self.optimizer)
@@ -167,6 +174,7 @@ class CUDAGraphStep:
         self.lr = [torch.zeros((), dtype=torch.float32, device=self.device)
                    for _ in optimizer.param_groups]
         self.lr_value = [None] * len(self.lr)
+        self.uncaptured = TrainStep(model, optimizer, guard, autocast, set_to_none=False)
 
     # ---- static inputs ---------------------------------------------------------------
     def _load(self, x, y, draw, scalars):
@@ -216,7 +224,7 @@ class CUDAGraphStep:
         return loss.detach(), logs, ok
 
     def _eager_body(self):
-        self.optimizer.zero_grad(set_to_none=self.graph is None)
+        self.optimizer.zero_grad(set_to_none=True)
         return self._body()
 
     # ---- the call ----------------------------------------------------------------------
@@ -225,15 +233,9 @@ class CUDAGraphStep:
         draw = self.model.draw(x)
         scalars = self.model.step_scalars(step, total_steps)
         if self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape):
-            # Another batch shape (a last partial batch): same step, not captured.
-            with self.autocast():
-                loss, logs = self.model.losses(x, y, draw)
-            self.optimizer.zero_grad(set_to_none=self.graph is None)
-            loss.backward()
-            ok = self.guard.after_backward(loss, self.optimizer)
-            self.optimizer.step()
-            self.model.after_step(step, total_steps, ok)
-            return loss.detach(), logs, ok
+            # Another batch shape (a last partial batch): the eager step with this draw. It
+            # zeroes the static gradients rather than dropping them.
+            return self.uncaptured(x, y, step, total_steps, draw)
         self._load(x, y, draw, scalars)
         self.calls += 1
         if not self.capture:
