@@ -220,8 +220,7 @@ class CUDAGraphStep:
         with self._tensor_lr():
             self.optimizer.step()
         self.model.apply_step_scalars(self.scalars, ok)
-        logs = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in logs.items()}
-        return loss.detach(), logs, ok
+        return loss.detach(), logs, ok  # the methods' logged values are already detached
 
     def _eager_body(self):
         self.optimizer.zero_grad(set_to_none=True)
@@ -231,12 +230,11 @@ class CUDAGraphStep:
     def __call__(self, x, y, step, total_steps):
         self.model.check_batch(x, y)
         draw = self.model.draw(x)
-        scalars = self.model.step_scalars(step, total_steps)
         if self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape):
             # Another batch shape (a last partial batch): the eager step with this draw. It
             # zeroes the static gradients rather than dropping them.
             return self.uncaptured(x, y, step, total_steps, draw)
-        self._load(x, y, draw, scalars)
+        self._load(x, y, draw, self.model.step_scalars(step, total_steps))
         self.calls += 1
         if not self.capture:
             return self._eager_body()
