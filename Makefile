@@ -15,7 +15,7 @@ TRITON_SPEC ?= $(if $(HAS_GPU),,triton==3.7.1)
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test setup data bench bench-data clean
+.PHONY: train test setup data bench bench-data study clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ train: setup data
 
 test: setup data
 	$(PY) -m pytest -q tests bench --benchmark-disable $(PYTEST_ARGS)
+
+# The accuracy study (bench/accuracy.py): AutoMix, Mixup, CutMix, vanilla x 3 seeds on the CPU
+# protocol; resumable (rerun to continue); writes runs/study/{results.json,results.md,*.png}.
+STUDY_ARGS ?=
+study: setup data
+	$(PY) bench/accuracy.py $(STUDY_ARGS)
 
 bench: setup
 	$(PY) bench/kernels.py

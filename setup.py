@@ -18,7 +18,9 @@ setup(
     py_modules=[],
     install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "triton>=3.6,<3.9", "numpy", "pillow"],
+        "test": ["pytest>=8", "pytest-benchmark", "triton>=3.6,<3.9", "numpy", "pillow",
+                 "matplotlib"],
+        "study": ["matplotlib"],
         "dali": ["nvidia-dali-cuda130"],
         "models": ["timm", "torchvision"],
     },

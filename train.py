@@ -88,7 +88,10 @@ def parser():
     a("--upsample", choices=("nearest", "bilinear"), help="Mix Block mask upsampling (default nearest)")
     a("--mix-shuffle-no-repeat", type=_bool, metavar="BOOL", help="AutoMix: permutations without fixed points")
     a("--train-subset", type=int, help="train on a random subset of this many images")
-    a("--test-subset", type=int, help="evaluate on a random subset of this many images")
+    a("--test-subset", type=int, help="evaluate on a class-balanced subset of this many test images")
+    a("--val-split", type=int, help="hold out this many training images (class-balanced) as a validation set, evaluated with the test split (default 0: none)")
+    a("--data-seed", type=int, help="seed of the subsets and the validation split, independent of --seed (default 0)")
+    a("--eval-every", type=int, help="evaluate (validation and test splits) every N epochs and at each of the last 10 (default 1)")
     a("--device", help="cpu, cuda, cuda:N or auto (default auto)")
     a("--seed", type=int, help=f"random seed (default {d.seed})")
     a("--out", help=f"output folder for metrics.jsonl and summary.json (default {d.out})")
@@ -142,6 +145,8 @@ def main(argv=None):
         p.error(f"--arch {cfg.arch!r} is unknown; choose from {', '.join(ARCH_NAMES)}")
     if cfg.max_bad_steps <= 0:
         p.error("--max-bad-steps must be positive")
+    if cfg.eval_every <= 0 or cfg.val_split < 0:
+        p.error("--eval-every must be positive and --val-split non-negative")
     if args.print_config:
         print(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
         return 0

@@ -114,9 +114,15 @@ class AutoMix(MixMethod):
         loss_mix_q = ce(self.head_mix_q(self.backbone_q(x_bb)[-1]), y, y[index_bb], lam_bb)
         w = self.head_weights
         loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + w["mix_k"] * loss_mix_k + loss_mask
+        m = m_mb.detach()
+        area = 1 - m.float().mean()
         logs = {"loss_mix_q": loss_mix_q.detach(), "loss_one_q": loss_one_q.detach(),
                 "loss_mix_k": loss_mix_k.detach(), "loss_mask": loss_mask.detach(),
-                "mask_area_mb": (1 - m_mb.detach().float().mean()), "lam_mb": lam_mb}
+                "mask_area_mb": area, "lam_mb": lam_mb,
+                # diagnostics of what the Mix Block learned: how far the kept area is from λ,
+                # and how soft the mask is (mean 4m(1-m): 1 = a flat 0.5 blend, 0 = binary)
+                "mask_area_err": (area - lam_mb).abs(),
+                "mask_softness": 4 * (m.float() * (1 - m.float())).mean()}
         return loss, logs
 
     def _mixed_ce(self, logits, y_a, y_b, lam):

@@ -192,6 +192,8 @@ _ARCHS = {
     "resnet50": (Bottleneck, (3, 4, 6, 3), (64, 128, 256, 512), "imagenet", 1, 64),
     # A ResNet-10 of quarter width for quick CPU runs (CIFAR stem).
     "resnet_small": (BasicBlock, (1, 1, 1, 1), (16, 32, 64, 128), "cifar", 1, 64),
+    # The same ResNet-10 at half width (1.2M parameters): the accuracy study's CPU network.
+    "resnet10_half": (BasicBlock, (1, 1, 1, 1), (32, 64, 128, 256), "cifar", 1, 64),
 }
 
 ARCH_NAMES = tuple(_ARCHS) + ("timm:<name>",)

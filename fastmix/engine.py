@@ -53,8 +53,11 @@ class Config:
     loader: str = "auto"          # --dataset imagefolder: auto | dali | torchvision
     image_size: int = 224         # --dataset imagefolder: train crop / val centre-crop size
     workers: int = None           # --dataset imagefolder: DALI threads / DataLoader workers
-    train_subset: int = None
+    train_subset: int = None      # a class-balanced subset of the training images (fixed by data_seed)
     test_subset: int = None
+    val_split: int = 0            # hold out this many training images (class-balanced) as a validation set
+    data_seed: int = 0            # fixes the subsets and the validation split, whatever the seed
+    eval_every: int = 1           # evaluate (validation and test) every N epochs and each of the last 10
     device: str = "auto"
     seed: int = 0
     out: str = "runs/default"
@@ -246,10 +249,16 @@ def train_one_epoch(step_fn, model, loader, step, total_steps, cfg, device, prog
     return step, means, images / max(elapsed, 1e-9)
 
 
+def eval_due(epoch, cfg):
+    """Whether epoch ``epoch`` (0-based) is evaluated (validation and test splits): every
+    ``eval_every`` epochs and each of the last 10 (the median window of ``summarize``)."""
+    return (epoch + 1) % cfg.eval_every == 0 or epoch >= cfg.epochs - 10
+
+
 def summarize(history, model, cfg, wall_time):
     """Final and median-of-last-10 top-1 per head, and the head reported with its rule."""
     heads = list(model.head_names)
-    last = history[-10:]
+    last = [r for r in history if "top1" in r][-10:]
     median = {h: statistics.median(r["top1"][h] for r in last) for h in heads}
     final = dict(history[-1]["top1"])
     if len(heads) == 1:
@@ -258,7 +267,11 @@ def summarize(history, model, cfg, wall_time):
         reported = max(heads, key=lambda h: median[h])
         rule = ("best median-of-last-10 top-1 over the four heads (the authors' rule, "
                 "find_automix_val_median.py); inference model: one_k")
-    return {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "epochs": cfg.epochs,
+    val = [r["val_top1"] for r in history if "val_top1" in r][-10:]
+    extra = {}
+    if val:
+        extra["median_last10_val_top1"] = {h: statistics.median(v[h] for v in val) for h in heads}
+    return {**extra, "method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "epochs": cfg.epochs,
             "seed": cfg.seed, "final_top1": final, "median_last10_top1": median,
             "reported_head": reported, "reported_rule": rule,
             "reported_top1_final": final[reported], "reported_top1_median_last10": median[reported],
@@ -380,7 +393,11 @@ def train(cfg: Config):
     cfg = resolve_runtime(cfg, device)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(cfg.seed + rank)  # per-rank permutations and λ, as on the official DDP
+    val_loader = None
     if cfg.dataset == "imagefolder":
+        if cfg.val_split:
+            raise ValueError("--val-split carves a validation set out of a tensor dataset; for "
+                             "--dataset imagefolder hold one out on disk instead")
         from fastmix.data.imagefolder import build_imagefolder_loader
         kw = dict(loader=cfg.loader, device=device, size=cfg.image_size, seed=cfg.seed,
                   shard=(rank, world), channels_last=cfg.channels_last,
@@ -391,12 +408,16 @@ def train(cfg: Config):
                                                subset=cfg.test_subset, classes=train_loader.classes, **kw)
         in_channels, num_classes, test_set = 3, train_loader.num_classes, None
     else:
-        train_set = load_dataset(cfg.dataset, cfg.data_dir, train=True).subset(cfg.train_subset, cfg.seed)
-        test_set = load_dataset(cfg.dataset, cfg.data_dir, train=False).subset(cfg.test_subset, cfg.seed)
+        train_set, val_set = load_dataset(cfg.dataset, cfg.data_dir, train=True).split(
+            cfg.val_split, cfg.train_subset, cfg.data_seed)
+        test_set = load_dataset(cfg.dataset, cfg.data_dir, train=False).subset(cfg.test_subset, cfg.data_seed)
         train_loader = TensorLoader(train_set, cfg.batch_size, device, train=True, seed=cfg.seed,
                                     channels_last=cfg.channels_last, shard=(rank, world))
         test_loader = TensorLoader(test_set, max(cfg.batch_size, 256), device, train=False,
                                    channels_last=cfg.channels_last, shard=(rank, world))
+        if val_set is not None:
+            val_loader = TensorLoader(val_set, max(cfg.batch_size, 256), device, train=False,
+                                      channels_last=cfg.channels_last, shard=(rank, world))
         in_channels, num_classes = train_set.images.shape[1], train_set.num_classes
     model = build_model(cfg, in_channels, num_classes, seed=cfg.seed + rank)
     model = model.to(device)
@@ -482,11 +503,15 @@ def train(cfg: Config):
             checkpoint=(lambda b, st, sums, e=epoch: save(e, b, st, sums)) if cfg.checkpoint_every else None,
             guard=guard, ckpt_hint=ckpt_path)
         skip_batches, partial = 0, None
-        top1 = evaluate(model, test_loader, world)
         record = {"epoch": epoch + 1, "step": step,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
-                  "losses": losses, "top1": top1, "images_per_s": ips * world,
-                  "elapsed_s": time.perf_counter() - t0}
+                  "losses": losses, "images_per_s": ips * world}
+        top1 = None
+        if eval_due(epoch, cfg):
+            if val_loader is not None:
+                record["val_top1"] = evaluate(model, val_loader, world)
+            top1 = record["top1"] = evaluate(model, test_loader, world)
+        record["elapsed_s"] = time.perf_counter() - t0
         if isinstance(model, AutoMix):
             record["ema_momentum"] = model.ema_momentum(step - 1, total_steps)
         history.append(record)
@@ -495,7 +520,7 @@ def train(cfg: Config):
                 f.write(json.dumps(record) + "\n")
             if progress is not None:
                 progress.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {losses['loss']:.3f}  " +
-                               "  ".join(f"{k} {v:.2f}" for k, v in top1.items()) +
+                               "  ".join(f"{k} {v:.2f}" for k, v in (top1 or {}).items()) +
                                f"  {ips * world:.0f} img/s")
             if (cfg.grid_every and (epoch + 1) % cfg.grid_every == 0 and isinstance(model, AutoMix)
                     and test_set is not None):

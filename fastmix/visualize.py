@@ -43,5 +43,18 @@ def save_mix_grid(model, dataset, path, device, n=8, lam=0.5, channels_last=Fals
     img = Image.fromarray((np.clip(grid, 0, 1) * 255).astype(np.uint8))
     scale = max(1, 256 // x.shape[-1])
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = _with_header(img, ["image x_i", "partner x_j", "mask of x_j", f"mixed (λ={lam:g})"])
     img.save(path)
     return path
+
+
+def _with_header(img, titles, height=18):
+    """``img`` under a white strip naming its equal-width columns."""
+    from PIL import Image, ImageDraw
+    out = Image.new("RGB", (img.width, img.height + height), "white")
+    out.paste(img, (0, height))
+    draw = ImageDraw.Draw(out)
+    w = img.width / len(titles)
+    for i, t in enumerate(titles):
+        draw.text((int(i * w) + 4, 3), t, fill="black")
+    return out

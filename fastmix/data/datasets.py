@@ -51,14 +51,41 @@ class ArrayDataset:
     def __len__(self):
         return self.images.shape[0]
 
-    def subset(self, n, seed=0):
-        """A class-balanced-in-expectation random subset of ``n`` samples (all if n >= len)."""
-        if n is None or n >= len(self):
-            return self
+    def balanced_order(self, seed=0):
+        """A seeded ordering of the samples whose every prefix is class-balanced: the classes
+        take turns (a random sample of each class, then a second one of each, ...), so the first
+        ``n`` indices hold ``n // K`` or ``n // K + 1`` samples of every class (while the classes
+        last). Depends on ``seed`` and the labels only."""
         g = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(self), generator=g)[:n]
+        perm = torch.randperm(len(self), generator=g)
+        lab = self.labels[perm]
+        onehot = torch.nn.functional.one_hot(lab, self.num_classes)
+        rank_in_class = (onehot.cumsum(0) * onehot).sum(1) - 1    # 0 for a class's first sample
+        turn = torch.argsort(rank_in_class * self.num_classes + lab, stable=True)
+        return perm[turn]
+
+    def take(self, idx):
         return ArrayDataset(self.images[idx], self.labels[idx], self.num_classes, self.mean,
                             self.std, self.name)
+
+    def subset(self, n, seed=0):
+        """A class-balanced random subset of ``n`` samples (all of them if n is None or >= len)."""
+        if n is None or n >= len(self):
+            return self
+        return self.take(self.balanced_order(seed)[:n])
+
+    def split(self, n_val, n_train=None, seed=0):
+        """``(train, val)``: a class-balanced validation split of ``n_val`` samples carved out of
+        this set, and a class-balanced training subset of ``n_train`` (None: all the rest) from
+        the remainder; disjoint, fixed by ``seed``. ``n_val=0``: ``(subset(n_train), None)``."""
+        if not n_val:
+            return self.subset(n_train, seed), None
+        if n_val >= len(self):
+            raise DatasetError(f"{self.name}: a validation split of {n_val} leaves no training "
+                               f"samples (the set has {len(self)})")
+        order = self.balanced_order(seed)
+        rest = order[n_val:] if n_train is None else order[n_val:n_val + n_train]
+        return self.take(rest), self.take(order[:n_val])
 
 
 # ---- Fashion-MNIST (IDX) ------------------------------------------------------------------

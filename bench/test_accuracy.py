@@ -1,0 +1,113 @@
+"""bench/accuracy.py on a tiny synthetic grid: runs, resumes after a kill, aggregates, plots."""
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import accuracy  # noqa: E402
+
+TINY = ["--train-subset", "192", "--val-split", "64", "--eval-every", "1", "--train-args",
+        "--dataset synthetic --batch-size 32 --test-subset 64"]
+
+
+def study(out, *extra, **kw):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--out",
+                           str(out), *TINY, *extra], cwd=ROOT, capture_output=True, text=True,
+                          **kw)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    r = study(out, "--methods", "automix,vanilla", "--seeds", "0,1", "--epochs", "1")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out, r.stdout
+
+
+def test_aggregate_is_mean_and_std_of_the_runs(grid):
+    out, _ = grid
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == {"automix", "vanilla"}
+    for method, entry in results["methods"].items():
+        summaries = [json.loads((out / method / f"seed{s}" / "summary.json").read_text())
+                     for s in (0, 1)]
+        finals = [s["final_top1"][entry["reported_heads"][str(i)]] for i, s in enumerate(summaries)]
+        medians = [s["median_last10_top1"][entry["reported_heads"][str(i)]]
+                   for i, s in enumerate(summaries)]
+        assert entry["final"]["mean"] == pytest.approx(statistics.fmean(finals))
+        assert entry["final"]["std"] == pytest.approx(statistics.stdev(finals))
+        assert entry["median_last10"]["mean"] == pytest.approx(statistics.fmean(medians))
+        # the head is chosen on the validation split, never on the test split
+        for i, s in enumerate(summaries):
+            val = s["median_last10_val_top1"]
+            assert entry["reported_heads"][str(i)] == max(val, key=val.get)
+    assert set(results["methods"]["automix"]["per_head"]) == {"one_k", "mix_k", "one_q", "mix_q"}
+    table = (out / "results.md").read_text()
+    assert "| automix | 2 |" in table and "| vanilla | 2 |" in table
+
+
+def test_pngs_are_written(grid):
+    from PIL import Image
+    out, _ = grid
+    for name in ("curves.png", "automix_masks.png"):
+        path = out / name
+        assert path.stat().st_size > 1000
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 100 and im.height > 100
+
+
+def test_finished_runs_are_skipped(grid):
+    out, _ = grid
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
+    r = study(out, "--methods", "automix,vanilla", "--seeds", "0,1", "--epochs", "1")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("done, skipped") == 4 and "starting" not in r.stdout
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")} == before
+
+
+def test_another_command_line_is_refused(grid):
+    out, _ = grid
+    r = study(out, "--methods", "vanilla", "--seeds", "0", "--epochs", "2")
+    assert r.returncode != 0 and "another command line" in r.stderr
+
+
+def test_killed_study_resumes_from_the_checkpoint(tmp_path):
+    """SIGKILL the study (and its training run) after the first epoch's checkpoint; rerun."""
+    args = ["--methods", "vanilla", "--seeds", "0", "--epochs", "4"]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--out", str(tmp_path),
+           "--train-subset", "1024", *TINY[2:], *args]
+    ckpt = tmp_path / "vanilla" / "seed0" / "last.pt"
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert ckpt.exists(), "the run never wrote a checkpoint"
+    assert not (tmp_path / "vanilla" / "seed0" / "summary.json").exists(), "finished before the kill"
+    done = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= done < 4
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "vanilla seed 0: resuming" in r.stdout
+    lines = (tmp_path / "vanilla" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+    log = (tmp_path / "vanilla" / "seed0" / "train.log").read_text()
+    assert log.count('"method": "vanilla"') == 1  # one finished run, not two
+
+
+def test_bad_flags_are_refused_before_work(tmp_path):
+    for bad in (["--methods", "mixup,nope"], ["--seeds", "a"], ["--epochs", "0"]):
+        with pytest.raises(SystemExit) as e:
+            accuracy.parse_args(bad + ["--out", str(tmp_path / "x")])
+        assert e.value.code == 2
+    assert not (tmp_path / "x").exists()
