@@ -18,8 +18,8 @@ import tempfile
 
 from fastmix.backbones import ARCH_NAMES
 from fastmix.data import DATASETS, DatasetError
-from fastmix.engine import (METHODS, CheckpointError, Config, NonFiniteLossError, resolve_device,
-                            train)
+from fastmix.engine import (METHODS, CheckpointError, Config, NonFiniteLossError,
+                            check_run_settings, resolve_device, train, validate_config)
 
 # Recipes from the spec's configs (§3). AutoMix on CIFAR: lr 0.1 -> 0.05 for everything,
 # EMA 0.999 -> 0.999999; baselines would use min_lr 0 (pass --min-lr 0).
@@ -51,7 +51,10 @@ PRESETS = {
 
 
 def _bool(v):
-    return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[v.lower()]
+    try:
+        return {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}[v.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"expected true/false (or yes/no, 1/0), got {v!r}") from None
 
 
 def parser():
@@ -65,6 +68,7 @@ def parser():
     a("--dataset", choices=DATASETS + ("imagefolder",), help=f"dataset (default {d.dataset}); imagefolder: --data-dir ROOT with ROOT/train/<class>/*, ROOT/val/<class>/*")
     a("--loader", choices=("auto", "dali", "torchvision"), help="imagefolder loader: DALI (nvJPEG on CUDA) or the PIL fallback; auto = DALI when it imports (default auto)")
     a("--image-size", type=int, help="imagefolder crop size (default 224)")
+    a("--verify-images", choices=("header", "full", "none"), help="imagefolder pre-scan: header (signature and end marker, cheap; default), full (decode every file with PIL, skip the unreadable), none")
     a("--workers", type=int, help="imagefolder: DALI threads / DataLoader workers (default min(8, cores))")
     a("--data-dir", help="dataset folder (Fashion-MNIST: the four IDX .gz files, default "
                          "/usr/share/datasets/fashion-mnist; CIFAR: the folder of the pickle batches)")
@@ -104,6 +108,7 @@ def parser():
     a("--optimizer-impl", choices=("torch", "apex"), help="torch SGD (fused=True on CUDA; default) or apex FusedSGD (needs apex)")
     a("--k-early-exit", action="store_true", default=None, help="AutoMix: the momentum encoder's clean pass stops at stage 3 (changes its stage-4 BN statistics; see README)")
     a("--resume", nargs="?", const="auto", help="resume from a checkpoint (no value: OUT/last.pt)")
+    a("--overwrite", action="store_true", default=None, help="start afresh in an --out that holds an earlier run (deletes its last.pt, metrics.jsonl, summary.json)")
     a("--checkpoint-every", type=int, help="also write OUT/last.pt every N steps inside an epoch (default: end of each epoch only)")
     a("--grid-every", type=int, help="AutoMix: save a mixed-sample PNG grid every N epochs (default 0: never)")
     a("--export", metavar="PATH", help="after training, write the classifier (encoder + head) as a plain state dict")
@@ -114,42 +119,43 @@ def parser():
 
 
 def resolve(args):
-    """Config = defaults <- preset <- command-line flags."""
+    """Config = defaults <- preset <- command-line flags; ``(cfg, preset, why)``."""
     values = {}
-    preset = args.preset
+    preset, why = args.preset, "--preset"
     if preset is None:
         preset = "fashion-mnist-r18" if resolve_device(args.device or "auto").type == "cuda" else "cpu-small"
+        why = "the default for this device"
         explicit = {k for k, v in vars(args).items() if v is not None and k not in ("preset", "print_config")}
         if explicit & {"dataset", "arch"}:
-            preset = None  # a hand-built run: start from the plain defaults
+            preset, why = None, "--dataset/--arch given without --preset: the plain defaults"
     if preset:
         values.update(PRESETS[preset])
     for f in dataclasses.fields(Config):
         v = getattr(args, f.name, None)
         if v is not None:
             values[f.name] = v
-    return Config(**values), preset
+    return Config(**values), preset, why
 
 
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    cfg, preset = resolve(args)
-    if cfg.epochs <= 0:
-        p.error(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.batch_size <= 0:
-        p.error(f"--batch-size must be positive, got {cfg.batch_size}")
-    if cfg.checkpoint_every < 0 or cfg.grid_every < 0:
-        p.error("--checkpoint-every and --grid-every must be non-negative")
-    if not (cfg.arch in ARCH_NAMES or cfg.arch.startswith("timm:")):
-        p.error(f"--arch {cfg.arch!r} is unknown; choose from {', '.join(ARCH_NAMES)}")
-    if cfg.max_bad_steps <= 0:
-        p.error("--max-bad-steps must be positive")
-    if cfg.eval_every <= 0 or cfg.val_split < 0:
-        p.error("--eval-every must be positive and --val-split non-negative")
+    try:
+        resolve_device(args.device or "auto")
+    except ValueError as e:
+        p.error(str(e))
+    cfg, preset, why = resolve(args)
+    try:
+        validate_config(cfg)
+        check_run_settings(cfg)
+    except ValueError as e:
+        p.error(str(e))
     if args.print_config:
         print(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
         return 0
+    print(f"fastmix: {cfg.method} on {cfg.dataset}, arch {cfg.arch}, {cfg.epochs} epochs of "
+          f"batch {cfg.batch_size}; preset {preset or 'none'} ({why}); out {cfg.out}",
+          file=sys.stderr, flush=True)
     try:
         os.makedirs(cfg.out, exist_ok=True)
         tempfile.TemporaryFile(dir=cfg.out).close()

@@ -203,8 +203,8 @@ def aggregate(args, folders):
     return results
 
 
-def _pm(ms):
-    return f"{ms['mean']:.2f} ± {ms['std']:.2f}"
+def _pm(ms, digits=2):
+    return f"{ms['mean']:.{digits}f} ± {ms['std']:.{digits}f}"
 
 
 def markdown_table(results):
@@ -228,6 +228,19 @@ def markdown_table(results):
                       for h, v in e["per_head"].items()]
             lines.append(f"| best of the four on *test* (the authors' rule; optimistic) | | "
                          f"{_pm(e['best_test_head_median_last10'])} |")
+            diag = {k: v for k, v in e["last_epoch_losses"].items() if k.startswith("mask_")}
+            if diag:
+                lines += ["", f"{m}'s Mix Block in the last epoch (means over its steps; mean ± "
+                          f"std over seeds): " + ", ".join(f"{k} {_pm(v, 3)}" for k, v in diag.items())
+                          + " (mask_area_mb: kept area of x_i, to compare with λ_mb; "
+                          "mask_area_err: |area − λ_mb|; mask_softness: mean 4m(1−m), 1 = a flat "
+                          "0.5 blend as in Mixup, 0 = a binary mask as in CutMix)."]
+    train_losses = {m: e["last_epoch_losses"]["loss"] for m, e in results["methods"].items()
+                    if "loss" in e["last_epoch_losses"]}
+    if train_losses:
+        lines += ["", "Training loss in the last epoch (the method's own objective, on augmented "
+                  "and mixed images): " + ", ".join(f"{m} {_pm(v, 3)}" for m, v in train_losses.items())
+                  + "."]
     return "\n".join(lines) + "\n"
 
 

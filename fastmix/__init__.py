@@ -9,7 +9,10 @@ def _alias_source_kernels():
     # (running from the repository root) they sit in ../kernels: register that folder
     # under the same name so `import fastmix.kernels.x` works either way.
     here = _os.path.dirname(_os.path.abspath(__file__))
-    if _os.path.isdir(_os.path.join(here, "kernels")) or "fastmix.kernels" in _sys.modules:
+    if "fastmix.kernels" in _sys.modules:
+        globals()["kernels"] = _sys.modules["fastmix.kernels"]
+        return
+    if _os.path.isdir(_os.path.join(here, "kernels")):
         return
     init = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
     if not _os.path.isfile(init):
@@ -21,6 +24,7 @@ def _alias_source_kernels():
     module = _ilu.module_from_spec(spec)
     _sys.modules["fastmix.kernels"] = module
     spec.loader.exec_module(module)
+    globals()["kernels"] = module   # as an import of the subpackage would bind it
 
 
 _alias_source_kernels()

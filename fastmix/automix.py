@@ -101,7 +101,8 @@ class AutoMix(MixMethod):
         mixup_fallback = (lam_bb <= self.lam_margin) | (lam_bb >= 1 - self.lam_margin)
 
         with torch.no_grad():
-            z = (self.backbone_k(x, stop_at_stage3=True) if self.k_early_exit else self.backbone_k(x))[0]
+            z = (self.backbone_k(x, stop_at_stage3=True)[0] if self.k_early_exit
+                 else _stage3_and_final(self.backbone_k(x))[0])
         if use_fused(x, self.fused):
             x_mb, x_bb, m_mb = self._mix_fused(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback)
         else:
@@ -109,9 +110,10 @@ class AutoMix(MixMethod):
         loss_mask = self.mask_loss_weight * self.mix_block.mask_loss(m_mb, lam_mb)
 
         ce = self._mixed_ce
-        loss_mix_k = ce(self.head_mix_k(self.backbone_k(x_mb)[-1]), y, y[index_mb], lam_mb)
-        loss_one_q = ce(self.head_one_q(self.backbone_q(x)[-1]), y, None, 1.0)
-        loss_mix_q = ce(self.head_mix_q(self.backbone_q(x_bb)[-1]), y, y[index_bb], lam_bb)
+        final = lambda enc, img: _stage3_and_final(enc(img))[1]  # noqa: E731
+        loss_mix_k = ce(self.head_mix_k(final(self.backbone_k, x_mb)), y, y[index_mb], lam_mb)
+        loss_one_q = ce(self.head_one_q(final(self.backbone_q, x)), y, None, 1.0)
+        loss_mix_q = ce(self.head_mix_q(final(self.backbone_q, x_bb)), y, y[index_bb], lam_bb)
         w = self.head_weights
         loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + w["mix_k"] * loss_mix_k + loss_mask
         m = m_mb.detach()
@@ -229,8 +231,8 @@ class AutoMix(MixMethod):
     @torch.no_grad()
     def predict(self, x):
         """Logits of all four heads: {one_k, mix_k, one_q, mix_q} (spec §2.4)."""
-        f_k = self.backbone_k(x)[-1]
-        f_q = self.backbone_q(x)[-1]
+        f_k = _stage3_and_final(self.backbone_k(x))[1]
+        f_q = _stage3_and_final(self.backbone_q(x))[1]
         return {"one_k": self.head_one_k(f_k), "mix_k": self.head_mix_k(f_k),
                 "one_q": self.head_one_q(f_q), "mix_q": self.head_mix_q(f_q)}
 
@@ -242,3 +244,14 @@ class AutoMix(MixMethod):
 
     def mb_parameters(self):
         return list(self.mix_block.parameters())
+
+
+def _stage3_and_final(features):
+    """A backbone's output, checked: AutoMix needs exactly two maps, [stage-3, final]."""
+    if not isinstance(features, (list, tuple)) or len(features) != 2:
+        what = (f"{len(features)} feature map(s)" if isinstance(features, (list, tuple))
+                else f"a {type(features).__name__}")
+        raise ValueError(f"AutoMix's backbone must return [stage-3 features, final features] "
+                         f"(two maps), got {what}; wrap the network in FeatureTap or build it "
+                         f"with build_backbone")
+    return features

@@ -5,6 +5,7 @@ Reads top to bottom: ``build_model`` -> ``build_optimizer`` -> ``train`` (epochs
 epoch) and ``OUT/summary.json``.
 """
 import json
+import math
 import os
 import statistics
 import sys
@@ -53,6 +54,7 @@ class Config:
     loader: str = "auto"          # --dataset imagefolder: auto | dali | torchvision
     image_size: int = 224         # --dataset imagefolder: train crop / val centre-crop size
     workers: int = None           # --dataset imagefolder: DALI threads / DataLoader workers
+    verify_images: str = "header"  # --dataset imagefolder pre-scan: header (cheap) | full (decode all) | none
     train_subset: int = None      # a class-balanced subset of the training images (fixed by data_seed)
     test_subset: int = None
     val_split: int = 0            # hold out this many training images (class-balanced) as a validation set
@@ -69,6 +71,7 @@ class Config:
     optimizer_impl: str = "torch"  # torch (fused=True on CUDA) | apex (FusedSGD)
     k_early_exit: bool = False
     resume: str = None            # a checkpoint path, or "auto" for OUT/last.pt
+    overwrite: bool = False       # start afresh in an OUT that holds an earlier run (deletes it)
     checkpoint_every: int = 0     # also checkpoint every N steps inside an epoch (0: epochs only)
     grid_every: int = 0           # save a mixed-sample PNG grid every N epochs (AutoMix)
     export: str = None            # write the chosen classifier as a plain state dict here
@@ -85,9 +88,16 @@ DEFAULT_ALPHA = {"automix": 2.0, "mixup": 1.0, "cutmix": 0.2, "vanilla": 0.0}
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda, cuda:N or auto") from e
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: fastmix runs on cpu or cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -317,14 +327,33 @@ def resolve_runtime(cfg: Config, device):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
+TMP_PREFIX = ".tmp-"
+
+
+def remove_stale_temporaries(folder, name):
+    """Delete the temporary files an interrupted ``atomic_save`` of ``folder/name`` left behind
+    (a kill -9 mid-write cannot clean up after itself); returns their paths."""
+    gone = []
+    for entry in os.scandir(folder):
+        if entry.name.startswith(TMP_PREFIX + name) and entry.is_file(follow_symlinks=False):
+            os.unlink(entry.path)
+            gone.append(entry.path)
+    return gone
+
+
 def atomic_save(obj, path):
     """Write ``path`` so that a crash at any moment leaves either the old or the new file:
     a temporary file in the same folder, flushed and fsync'ed, then renamed over the target."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as e:
+                # torch.save's zip writer reports a failed write (ENOSPC, EFBIG, EIO) as a
+                # RuntimeError ("[enforce fail at inline_container.cc] unexpected pos ...")
+                raise OSError(f"writing {tmp} failed: {str(e).splitlines()[0]}") from e
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -351,8 +380,45 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): "
-                              f"{type(e).__name__}: {e}") from e
+        # torch's message for a refused object advises weights_only=False, i.e. to run the
+        # file's code: keep only the reason.
+        lines = [l for l in str(e).splitlines() if "WeightsUnpickler error" in l] or \
+            str(e).splitlines()[:1] or [""]
+        reason = lines[0].strip()[:300]
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated, corrupt, or not a "
+                              f"checkpoint of plain tensors and data): {type(e).__name__}: "
+                              f"{reason}") from None
+
+
+TRAINING_KEYS = ("model", "optimizer", "scaler", "epoch", "batch", "step", "history", "partial",
+                 "rng", "world", "config")
+# Settings a resumed run may change: where and how it runs, not what it computes.
+RESUME_MAY_CHANGE = {"resume", "overwrite", "out", "data_dir", "device", "progress", "log_every",
+                     "checkpoint_every", "grid_every", "export", "export_head", "max_bad_steps",
+                     "workers", "compile", "eager", "cuda_graphs", "optimizer_impl"}
+
+
+def load_training_checkpoint(path, cfg: "Config", world):
+    """A training checkpoint for resuming ``cfg``: refused, naming the file, when it is not a
+    fastmix training checkpoint, was written by another number of processes, or by another
+    configuration (any setting outside ``RESUME_MAY_CHANGE``)."""
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or any(k not in state for k in TRAINING_KEYS):
+        what = (f"a dict with keys {sorted(state)[:8]}" if isinstance(state, dict)
+                else f"a {type(state).__name__}")
+        raise CheckpointError(f"{path} is not a fastmix training checkpoint (it holds {what}); "
+                              f"--resume takes the OUT/last.pt that train.py writes")
+    if state["world"] != world:
+        raise CheckpointError(f"checkpoint {path} was written by a run of {state['world']} "
+                              f"process(es); this run has {world}")
+    saved, now = state["config"], asdict(cfg)
+    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in RESUME_MAY_CHANGE and saved.get(k, now[k]) != now[k]]
+    if diff:
+        raise CheckpointError(f"checkpoint {path} does not fit this configuration: "
+                              f"{'; '.join(diff)}. Resume with the settings it was written with, "
+                              f"or start afresh in another --out")
+    return state
 
 
 def _rng_states(model):
@@ -381,16 +447,128 @@ def export_classifier(model, path, head=None):
     return head
 
 
+# ---- run folder and settings ------------------------------------------------------------------
+RUN_FILES = ("last.pt", "metrics.jsonl", "summary.json")
+
+
+def state_path(cfg):
+    return os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume
+
+
+_FINITE = ("lr", "min_lr", "mb_lr", "mb_min_lr", "mb_momentum", "momentum", "weight_decay",
+           "alpha", "label_smoothing", "ema_momentum", "ema_end", "mask_loss_weight", "lam_margin")
+
+
+def validate_config(cfg: Config):
+    """Every setting checked once, before any work: a ``ValueError`` that names the flag."""
+    from fastmix.backbones import ARCH_NAMES
+    problems = []
+    for name in _FINITE:
+        v = getattr(cfg, name)
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v)):
+            problems.append(f"--{name.replace('_', '-')} must be a finite number, got {v!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+    def need(ok, msg):
+        if not ok:
+            problems.append(msg)
+    need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    need(cfg.arch in ARCH_NAMES or str(cfg.arch).startswith("timm:"),
+         f"--arch {cfg.arch!r} is unknown; choose from {', '.join(ARCH_NAMES)}")
+    for name in ("epochs", "batch_size", "max_bad_steps", "eval_every", "log_every", "image_size"):
+        need(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("checkpoint_every", "grid_every", "val_split"):
+        need(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("train_subset", "test_subset", "workers"):
+        v = getattr(cfg, name)
+        need(v is None or v > 0, f"--{name.replace('_', '-')} must be positive, got {v}")
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.mb_lr is None or cfg.mb_lr > 0, f"--mb-lr must be positive, got {cfg.mb_lr}")
+    for name in ("min_lr", "mb_min_lr", "weight_decay", "mask_loss_weight"):
+        v = getattr(cfg, name)
+        need(v is None or v >= 0, f"--{name.replace('_', '-')} must be >= 0, got {v}")
+    for name in ("momentum", "mb_momentum", "label_smoothing"):
+        v = getattr(cfg, name)
+        need(v is None or 0 <= v < 1, f"--{name.replace('_', '-')} must lie in [0, 1), got {v}")
+    for name in ("ema_momentum", "ema_end"):
+        need(0 <= getattr(cfg, name) <= 1, f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(cfg, name)}")
+    need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
+    need(cfg.lam_margin < 0.5, f"--lam-margin must be below 0.5, got {cfg.lam_margin}")
+    need(cfg.verify_images in ("header", "full", "none"),
+         f"--verify-images must be header, full or none, got {cfg.verify_images!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_run_settings(cfg: Config):
+    """Settings that only fail at the end of a run (the export), checked at its start."""
+    if cfg.export_head and cfg.method != "automix":
+        raise ValueError(f"--export-head names one of AutoMix's four heads; --method "
+                         f"{cfg.method} has a single head (leave --export-head out)")
+    if cfg.export:
+        folder = os.path.dirname(os.path.abspath(cfg.export))
+        if os.path.isdir(cfg.export):
+            raise ValueError(f"--export {cfg.export} is a folder; give a file path")
+        if not os.path.isdir(folder):
+            raise ValueError(f"--export {cfg.export}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"--export {cfg.export}: the folder {folder} is not writable")
+
+
+def claim_out(cfg: Config, rank=0):
+    """Make OUT, refuse to start afresh over an earlier run unless ``overwrite`` (which deletes
+    its files, so no later message can point at the old checkpoint), and delete temporary files
+    that an interrupted checkpoint write left behind."""
+    os.makedirs(cfg.out, exist_ok=True)
+    if not os.access(cfg.out, os.W_OK):
+        raise PermissionError(f"output folder {cfg.out} is not writable")
+    earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
+    if earlier and not cfg.resume:
+        if not cfg.overwrite:
+            raise ValueError(f"{cfg.out} holds an earlier run ({', '.join(earlier)}): continue "
+                             f"it with --resume, start afresh with --overwrite (deletes those "
+                             f"files), or choose another --out")
+        if rank == 0:
+            for f in earlier:
+                os.unlink(os.path.join(cfg.out, f))
+    if rank == 0:
+        for path in remove_stale_temporaries(cfg.out, "last.pt"):
+            print(f"removed {path}, left by an interrupted checkpoint write", file=sys.stderr)
+
+
+def json_safe(obj):
+    """NaN and ±Inf (not JSON) become None, recursively."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def json_line(record):
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
 # ---- the loop --------------------------------------------------------------------------------
 def train(cfg: Config):
     """Train ``cfg`` end to end; returns the summary dict (also written to OUT/summary.json)."""
-    if cfg.epochs <= 0:
-        raise ValueError(f"epochs must be positive, got {cfg.epochs}")
+    validate_config(cfg)
     rank, world, local = init_distributed()
     device = resolve_device(cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local)
     cfg = resolve_runtime(cfg, device)
+    # Everything a run can refuse is checked before any data is read or any step is taken.
+    check_run_settings(cfg)
+    ckpt_path = os.path.join(cfg.out, "last.pt")
+    state = None
+    if cfg.resume:
+        state = load_training_checkpoint(ckpt_path if cfg.resume == "auto" else cfg.resume,
+                                         cfg, world)
+    claim_out(cfg, rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(cfg.seed + rank)  # per-rank permutations and λ, as on the official DDP
     val_loader = None
@@ -398,15 +576,21 @@ def train(cfg: Config):
         if cfg.val_split:
             raise ValueError("--val-split carves a validation set out of a tensor dataset; for "
                              "--dataset imagefolder hold one out on disk instead")
-        from fastmix.data.imagefolder import build_imagefolder_loader
+        from fastmix.data.imagefolder import build_imagefolder_loader, split_overlap
         kw = dict(loader=cfg.loader, device=device, size=cfg.image_size, seed=cfg.seed,
                   shard=(rank, world), channels_last=cfg.channels_last,
-                  num_workers=cfg.workers, quiet=rank != 0)
+                  num_workers=cfg.workers, quiet=rank != 0,
+                  verify={"none": False}.get(cfg.verify_images, cfg.verify_images))
         train_loader = build_imagefolder_loader(cfg.data_dir, "train", cfg.batch_size, True,
                                                 subset=cfg.train_subset, **kw)
         test_loader = build_imagefolder_loader(cfg.data_dir, "val", max(cfg.batch_size, 256), False,
                                                subset=cfg.test_subset, classes=train_loader.classes, **kw)
         in_channels, num_classes, test_set = 3, train_loader.num_classes, None
+        common = split_overlap(train_loader.files, test_loader.files)
+        if common and rank == 0:
+            print(f"warning: {len(common)} file(s) of {cfg.data_dir}/val are also in train (the "
+                  f"same file through links), e.g. {common[0]}: the validation accuracy is then "
+                  f"not measured on unseen images", file=sys.stderr)
     else:
         train_set, val_set = load_dataset(cfg.dataset, cfg.data_dir, train=True).split(
             cfg.val_split, cfg.train_subset, cfg.data_seed)
@@ -427,30 +611,23 @@ def train(cfg: Config):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     total_steps = cfg.epochs * len(train_loader)
 
-    os.makedirs(cfg.out, exist_ok=True)
-    if not os.access(cfg.out, os.W_OK):
-        raise PermissionError(f"output folder {cfg.out} is not writable")
-    ckpt_path = os.path.join(cfg.out, "last.pt")
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     start_epoch, skip_batches, step, history, partial = 0, 0, 0, [], None
-    if cfg.resume:
-        state = load_checkpoint(ckpt_path if cfg.resume == "auto" else cfg.resume)
-        if state.get("world") != world:
-            raise CheckpointError(f"checkpoint was written by {state.get('world')} processes, "
-                                  f"this run has {world}")
+    if state is not None:
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])
         except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {cfg.resume} does not fit this configuration "
-                                  f"(method/arch/dataset changed?): {str(e)[:300]}") from e
+            raise CheckpointError(f"checkpoint {state_path(cfg)} does not fit this "
+                                  f"configuration (method/arch/dataset changed?): "
+                                  f"{str(e)[:300]}") from e
         start_epoch, skip_batches, step = state["epoch"], state["batch"], state["step"]
         history, partial = state["history"], state["partial"]
         _set_rng_states(model, state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
     if rank == 0:
         with open(metrics_path, "w") as f:  # rewritten from the checkpoint's history on resume
-            f.writelines(json.dumps(r) + "\n" for r in history)
+            f.writelines(json_line(r) for r in history)
 
     if cfg.compile:
         for name in ("backbone_q", "backbone_k", "backbone"):
@@ -517,7 +694,7 @@ def train(cfg: Config):
         history.append(record)
         if rank == 0:
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json_line(record))
             if progress is not None:
                 progress.write(f"epoch {epoch + 1}/{cfg.epochs}  loss {losses['loss']:.3f}  " +
                                "  ".join(f"{k} {v:.2f}" for k, v in (top1 or {}).items()) +
@@ -533,7 +710,7 @@ def train(cfg: Config):
     summary = summarize(history, model, cfg, time.perf_counter() - t0)
     if rank == 0:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
         if cfg.export:
             summary["exported_head"] = export_classifier(model, cfg.export, cfg.export_head)
     if world > 1:

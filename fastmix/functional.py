@@ -52,6 +52,9 @@ def _check_lam(lam):
         raise ValueError(f"lam must lie in [0, 1], got {lam}")
 
 
+_NO_IGNORE = -(2 ** 62)
+
+
 def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0, fused=None):
     """``lam * CE(logits, target_a) + (1 - lam) * CE(logits, target_b)``, mean over the batch.
 
@@ -63,10 +66,12 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
     z = logits.float()
-    loss_a = F.cross_entropy(z, target_a, label_smoothing=label_smoothing)
+    # Every label is a class: no ignore_index (F.cross_entropy would silently drop -100), so an
+    # out-of-range label is an error here as in the fused kernel.
+    loss_a = F.cross_entropy(z, target_a, label_smoothing=label_smoothing, ignore_index=_NO_IGNORE)
     if target_b is None:
         return loss_a
-    loss_b = F.cross_entropy(z, target_b, label_smoothing=label_smoothing)
+    loss_b = F.cross_entropy(z, target_b, label_smoothing=label_smoothing, ignore_index=_NO_IGNORE)
     return lam * loss_a + (1.0 - lam) * loss_b
 
 
@@ -87,6 +92,10 @@ def mask_mix_images(x, index, mask_logits, mode="nearest", fused=None):
     if use_fused(x, fused):
         from fastmix.kernels.mask_mix import mix_images
         return mix_images(x, index, mask_logits=mask_logits, mode=mode)
+    if not isinstance(mask_logits, torch.Tensor) or mask_logits.dim() != 4 or \
+            mask_logits.shape[0] != x.shape[0] or mask_logits.shape[1] != 1:
+        raise ValueError(f"mask_logits must be [N, 1, h, w] with N = {x.shape[0]}, got "
+                         f"{tuple(getattr(mask_logits, 'shape', ()))}")
     s = torch.sigmoid(upsample_mask(mask_logits, x.shape[-2:], mode).float())
     return (x * (1.0 - s) + x[index] * s).to(x.dtype)
 
@@ -123,6 +132,8 @@ def cutmix_box(height, width, lam, rng):
     ``lam_adjusted = 1 - box area / image area`` (the λ the labels must use). Host-side
     integers only: no device memory is read.
     """
+    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
     ratio = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))

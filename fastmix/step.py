@@ -15,6 +15,8 @@ eager step, so both see the same random stream.
 """
 import contextlib
 
+import os
+
 import torch
 
 
@@ -83,7 +85,10 @@ class StepGuard:
             raise NonFiniteLossError(
                 f"{worst} consecutive training steps had a NaN/Inf loss (by step {step}; "
                 f"{int(self.total)} bad steps in all); training stopped. Check the data for NaN "
-                f"or lower --lr (or use --amp bf16 rather than fp16), then resume from {ckpt_hint}")
+                f"or lower --lr (or use --amp bf16 rather than fp16), then "
+                + (f"resume from {ckpt_hint} (this run's last checkpoint; skipped steps change "
+                   f"nothing) with --resume" if os.path.exists(ckpt_hint) else
+                   "start again: this run wrote no checkpoint yet"))
 
 
 class TrainStep:

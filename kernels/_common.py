@@ -36,9 +36,13 @@ def scalar_tensor(value, device, dtype=torch.float32):
 INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def check_index(name, t, n, device, ref):
+def check_index(name, t, n, device, ref, high=None):
     """Validate an index/label tensor: a 1-d int64/int32 tensor of length ``n`` on ``device``
-    (``ref`` names the tensor it must match). Shapes and metadata only: no device read."""
+    (``ref`` names the tensor it must match), with values in ``[0, high)`` (``high``: ``n``
+    unless given). The range is where a kernel would otherwise read out of bounds and return
+    NaN or garbage, while the eager op raises: on the CPU it is read and an out-of-range value
+    raises ``IndexError`` as eager PyTorch does; on CUDA it is a device-side assert
+    (``torch._assert_async``), as eager CUDA ops do, with no host sync."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of indices, got {type(t).__name__}")
     if t.dtype not in INDEX_DTYPES:
@@ -47,3 +51,14 @@ def check_index(name, t, n, device, ref):
         raise ValueError(f"{name} must have shape [N] = [{n}] to match {ref}, got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but {ref} is on {device}")
+    high = n if high is None else high
+    if t.numel() == 0:
+        return
+    if t.device.type == "cuda":
+        torch._assert_async(((t >= 0) & (t < high)).all(),
+                            f"{name}: a value lies outside [0, {high})")
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= high:
+        raise IndexError(f"{name}: values must lie in [0, {high}) ({ref}), found "
+                         f"{lo if lo < 0 else hi}")

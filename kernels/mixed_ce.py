@@ -210,10 +210,10 @@ class _MixedCrossEntropy(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (host metadata only: never reads tensor values)
+# Argument checks (no host read of a CUDA tensor: see _common.check_index)
 # --------------------------------------------------------------------------------------------
-def _check_targets(name, t, n, device):
-    _common.check_index(name, t, n, device, "logits")
+def _check_targets(name, t, n, device, k):
+    _common.check_index(name, t, n, device, f"the {k} classes of logits", high=k)
 
 
 def _check_args(logits, target_a, target_b, lam, label_smoothing):
@@ -226,9 +226,9 @@ def _check_args(logits, target_a, target_b, lam, label_smoothing):
     n, k = logits.shape
     if n == 0 or k == 0:
         raise ValueError(f"logits must be non-empty [N, K], got shape {tuple(logits.shape)}")
-    _check_targets("target_a", target_a, n, logits.device)
+    _check_targets("target_a", target_a, n, logits.device, logits.shape[1])
     if target_b is not None:
-        _check_targets("target_b", target_b, n, logits.device)
+        _check_targets("target_b", target_b, n, logits.device, logits.shape[1])
     if isinstance(lam, torch.Tensor):
         if lam.dim() != 0:
             raise ValueError(f"lam must be a Python float or a 0-d tensor, "

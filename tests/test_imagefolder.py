@@ -294,7 +294,7 @@ def test_bad_files_without_verify_fail_with_a_dataset_error(weird_root):
     """What verification prevents: DALI stops mid-epoch on an undecodable file."""
     scan = scan_imagefolder(weird_root, "val", verify=False)
     assert len(scan.files) == 24 and {os.path.basename(p) for p, _ in scan.skipped} == {"zero.jpg"}
-    with pytest.raises(DatasetError, match="(?s)DALI failed.*verify=True"):
+    with pytest.raises(DatasetError, match=r"(?s)DALI could not decode.*(text|truncated)\.jpg.*--verify-images full"):
         for _ in make("dali", weird_root, "val", 24, False, scan=scan):
             pass
     with pytest.raises(DatasetError, match=r"(text|truncated)\.jpg: cannot decode"):
@@ -390,3 +390,80 @@ def test_pil_workers_do_not_change_the_augmentation(fm_root):
         ld.set_epoch(3)
     (xa, ya), (xb, yb) = next(iter(a)), next(iter(b))
     assert torch.equal(ya, yb) and torch.equal(xa, xb)
+
+
+# ---- exact resume with the PIL loader; unreadable bodies (reliability, round two) ------------
+def test_pil_loader_never_draws_from_the_global_rng(fm_root):
+    """Starting a DataLoader iterator draws a base seed; from the global torch RNG that shifted
+    the training step's random stream after a mid-epoch resume."""
+    ld = make("torchvision", fm_root, "train", 4, True, num_workers=1)
+    state = torch.get_rng_state()
+    next(iter(ld))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_pil_loader_mid_epoch_resume_is_exact(fm_root, tmp_path, monkeypatch):
+    from fastmix.engine import Config, load_checkpoint, train
+    cfg = dict(method="automix", arch="resnet_small", dataset="imagefolder", data_dir=fm_root,
+               loader="torchvision", workers=1, image_size=16, epochs=2, batch_size=4,
+               ema_momentum=0.9, ema_end=0.99, device="cpu", progress=False, checkpoint_every=2,
+               channels_last=False)
+    full = train(Config(out=str(tmp_path / "full"), export=str(tmp_path / "full.pt"), **cfg))
+    orig = TorchvisionLoader.__iter__
+
+    def interrupted(self):
+        for i, item in enumerate(orig(self)):
+            if self.train and self.epoch == 1 and i == 3:
+                raise KeyboardInterrupt("stopped mid-epoch")
+            yield item
+    monkeypatch.setattr(TorchvisionLoader, "__iter__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(Config(out=str(tmp_path / "cut"), **cfg))
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["batch"] == 3   # mid-epoch 2
+    monkeypatch.setattr(TorchvisionLoader, "__iter__", orig)
+    resumed = train(Config(out=str(tmp_path / "cut"), resume="auto",
+                           export=str(tmp_path / "res.pt"), **cfg))
+    assert resumed["final_top1"] == full["final_top1"]
+    a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "res.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _garbage_body_jpeg(path):
+    """Intact start (SOI + APP0 marker) and end (EOI) markers around a garbage body: passes
+    the cheap header check, fails to decode."""
+    rng = np.random.default_rng(0)
+    path.write_bytes(b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+                     + b"\xff\xd9")
+
+
+@pytest.mark.parametrize("kind", ["dali", "torchvision"])
+def test_garbage_body_jpeg_is_named_or_skipped(fm_root, tmp_path, kind):
+    import subprocess
+    import sys
+    root = tmp_path / "root"
+    shutil.copytree(fm_root, root)
+    bad = root / "train" / "Bag" / "zz_garbage.jpg"
+    _garbage_body_jpeg(bad)
+    assert check_image_file(str(bad), "header") is None       # the cheap check lets it through
+    assert check_image_file(str(bad), "full") is not None
+    base = [sys.executable, "train.py", "--dataset", "imagefolder", "--data-dir", str(root),
+            "--loader", kind, "--arch", "resnet_small", "--image-size", "16", "--epochs", "1",
+            "--batch-size", "4", "--device", "cpu", "--no-progress", "--workers", "1"]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(base + ["--out", str(tmp_path / "a")], cwd=repo, capture_output=True,
+                       text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "zz_garbage.jpg" in r.stderr and "--verify-images full" in r.stderr
+    r = subprocess.run(base + ["--out", str(tmp_path / "b"), "--verify-images", "full"], cwd=repo,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped 1 unreadable image file" in r.stderr and "zz_garbage.jpg" in r.stderr
+
+
+def test_export_tool_refuses_a_bad_out(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(SystemExit) as e:
+            fexport.main(["--dataset", "fashion-mnist", "--out", str(out), "--limit", "10"])
+        assert e.value.code == 2 and "is a file" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmix  # noqa: F401  (registers fastmix.kernels in a source checkout)
+from fastmix import functional as F_eager
 from fastmix.kernels import _common
 from fastmix.kernels import mixed_ce as M
 
@@ -187,7 +188,9 @@ def test_eager_and_fused_match_float64(n, k, mode, eps):
 # ---------------------------------------------------------------------------- bad labels
 @pytest.mark.parametrize("bad", [-1, -100, 10, 2 ** 40])
 @pytest.mark.parametrize("which", ["a", "b", "a_only"])
-def test_out_of_range_label_gives_nan(bad, which):
+def test_out_of_range_label_raises_like_eager(bad, which):
+    """A label outside [0, K) is an error, in the kernel as in eager PyTorch (IndexError), not
+    a NaN loss that a trainer would skip silently."""
     n, k = 6, 10
     z, a, b = _make(n, k, seed=13)
     tb = b
@@ -198,13 +201,10 @@ def test_out_of_range_label_gives_nan(bad, which):
     else:
         a[2] = bad
         tb = None
-    loss, grad = _loss_and_grad(M.mixed_cross_entropy, z, a, tb, 0.5, 0.1)
-    assert torch.isnan(loss)
-    assert torch.isnan(grad[2]).all()
-    keep = [i for i in range(n) if i != 2]
-    assert torch.isfinite(grad[keep]).all()
-    # forward-only path too
-    assert torch.isnan(M.mixed_cross_entropy(z, a, tb, 0.5, 0.1))
+    with pytest.raises(IndexError, match=r"values must lie in \[0, 10\)"):
+        M.mixed_cross_entropy(z, a, tb, 0.5, 0.1)
+    with pytest.raises(IndexError):
+        F_eager.mixed_cross_entropy(z, a, tb, 0.5, 0.1, fused=False)
 
 
 # ---------------------------------------------------------------------------- forward only

@@ -114,6 +114,11 @@ def test_consecutive_nan_steps_stop_the_run_with_a_message(tmp_path, monkeypatch
     cfg = Config(method="automix", arch="resnet_small", dataset="synthetic", epochs=1, batch_size=20,
                  train_subset=400, test_subset=40, device="cpu", out=str(tmp_path), progress=False,
                  max_bad_steps=5, log_every=5)
+    with pytest.raises(NonFiniteLossError, match=r"consecutive.*NaN/Inf.*this run wrote no checkpoint yet"):
+        train(cfg)
+    # with a checkpoint of this run, the advice is to resume from it
+    cfg.checkpoint_every, cfg.overwrite = 3, True
+    _poison(monkeypatch, {(0, i) for i in range(4, 100)})
     with pytest.raises(NonFiniteLossError, match=r"consecutive.*NaN/Inf.*resume from .*last\.pt"):
         train(cfg)
 
@@ -258,3 +263,208 @@ def test_resume_with_another_configuration_is_refused(tmp_path):
     r = run_cli(TINY + ["--epochs", "2", "--out", str(tmp_path), "--resume", "--arch", "resnet18_cifar"])
     assert r.returncode == 2 and "does not fit this configuration" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# ---- round two: what a new user broke (issue: reliability, round two) ----------------------
+def _small_tmpfs(path, size):
+    """Mount a real tmpfs of ``size`` at ``path`` (root only); False where that is not allowed."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True)
+    return r.returncode == 0
+
+
+def test_real_full_disk_while_checkpointing_keeps_the_run_and_last_good(tmp_path):
+    """A real ENOSPC inside torch.save (a tmpfs too small for two checkpoints), or where no
+    tmpfs can be mounted, a real EFBIG from RLIMIT_FSIZE: a warning, the run goes on."""
+    out = tmp_path / "disk"
+    mounted = _small_tmpfs(out, "3m")
+    try:
+        limit = None if mounted else 512 * 1024
+        preexec = None
+        if limit:
+            import resource
+
+            def preexec():
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # write() fails with EFBIG
+                resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        r = subprocess.run([sys.executable, "train.py", *TINY, "--method", "mixup", "--epochs", "2",
+                            "--checkpoint-every", "3", "--out", str(out)], cwd=ROOT,
+                           capture_output=True, text=True, preexec_fn=preexec)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "warning: could not write checkpoint" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+        if mounted:   # the first checkpoint fitted; every later one needed room for two
+            state = load_checkpoint(str(out / "last.pt"))
+            assert (state["epoch"], state["batch"]) == (0, 3)
+        assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(out)])
+
+
+def test_a_new_run_never_destroys_an_earlier_one(tmp_path):
+    out = str(tmp_path / "o")
+    assert run_cli(TINY + ["--epochs", "1", "--out", out]).returncode == 0
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("metrics.jsonl", "last.pt")}
+    r = run_cli(TINY + ["--epochs", "1", "--out", out, "--lr", "0.05"])
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr and "--overwrite" in r.stderr
+    assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
+    # --overwrite starts afresh; if that run then stops (exit 3), its advice names its own state
+    r = run_cli(TINY + ["--epochs", "2", "--out", out, "--overwrite", "--lr", "1e38",
+                        "--max-bad-steps", "5"])
+    assert r.returncode == 3, r.stderr[-2000:]
+    if "resume from" in r.stderr:
+        assert load_checkpoint(os.path.join(out, "last.pt"))["config"]["lr"] == 1e38
+    else:
+        assert "wrote no checkpoint yet" in r.stderr and not os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.parametrize("change,needle", [(["--batch-size", "20"], "batch_size 40 -> 20"),
+                                           (["--epochs", "3"], "epochs 2 -> 3"),
+                                           (["--lr", "0.2"], "lr ")])
+def test_resume_refuses_another_configuration(tmp_path, change, needle):
+    out = str(tmp_path / "o")
+    common = TINY + ["--epochs", "2", "--out", out]
+    r = run_cli(common + ["--checkpoint-every", "3", "--max-bad-steps", "2"])
+    assert r.returncode == 0
+    r = run_cli(common + ["--resume"] + change)
+    assert r.returncode == 2 and "does not fit this configuration" in r.stderr and needle in r.stderr
+    assert os.path.join(out, "last.pt") in r.stderr            # the path, never the word "auto"
+    # what may change (where and how it runs) resumes
+    r = run_cli(common + ["--resume", "--max-bad-steps", "3", "--no-compile"])
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_resume_of_a_file_that_is_not_a_training_checkpoint(tmp_path):
+    for name, obj in (("tensor.pt", torch.arange(3)), ("plain.pt", {"fc.weight": torch.ones(2)})):
+        torch.save(obj, tmp_path / name)
+        r = run_cli(TINY + ["--epochs", "1", "--out", str(tmp_path / "o"), "--resume",
+                            str(tmp_path / name)])
+        assert r.returncode == 2 and "is not a fastmix training checkpoint" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "None processes" not in r.stderr
+
+
+def test_refused_checkpoint_never_advises_running_its_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    r = run_cli(TINY + ["--epochs", "1", "--out", str(tmp_path / "o"), "--resume",
+                        str(tmp_path / "evil.pt")])
+    assert r.returncode == 2 and "evil.pt" in r.stderr
+    assert "weights_only=False" not in r.stderr and not (tmp_path / "pwned").exists()
+
+
+def test_killed_checkpoint_write_leaves_no_temporary_behind(tmp_path):
+    """kill -9 in the middle of the second checkpoint write (a real SIGKILL from inside
+    torch.save); the resumed run removes the temporary file and finishes."""
+    out = tmp_path / "o"
+    runner = tmp_path / "run.py"
+    runner.write_text(textwrap.dedent(f"""
+        import os, signal, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        real, calls = torch.save, [0]
+        def dying_save(obj, f, *a, **k):
+            calls[0] += 1
+            if calls[0] == 2:
+                f.write(b"x" * 100000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)
+            return real(obj, f, *a, **k)
+        torch.save = dying_save
+        import train
+        sys.exit(train.main(sys.argv[1:]))
+    """))
+    args = TINY + ["--epochs", "2", "--checkpoint-every", "3", "--out", str(out)]
+    r = subprocess.run([sys.executable, str(runner), *args], cwd=ROOT, capture_output=True)
+    assert r.returncode == -signal.SIGKILL
+    assert [f for f in os.listdir(out) if f.startswith(".tmp-last.pt")]
+    r = run_cli(args + ["--resume"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "left by an interrupted checkpoint write" in r.stderr
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--device", "cuda"], "no CUDA device"),
+    (["--device", "tpu9"], "is not a device"),
+    (["--channels-last", "maybe"], "expected true/false"),
+    (["--image-size", "0"], "--image-size must be positive"),
+    (["--lr", "nan"], "--lr must be a finite number"),
+    (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
+    (["--momentum", "1.5"], "--momentum must lie in [0, 1)"),
+    (["--method", "mixup", "--export-head", "one_q"], "single head"),
+    (["--export", "/nonexistent-folder/x.pt"], "does not exist"),
+])
+def test_more_bad_command_lines_exit_2_before_work(argv, needle, tmp_path):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    no_preset = [a for a in TINY if a not in ("--dataset", "synthetic", "--arch", "resnet_small")]
+    r = run_cli((no_preset if "cuda" in argv else TINY) + ["--epochs", "1", "--out",
+                                                          str(tmp_path / "o")] + argv)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()
+
+
+def test_first_log_line_says_what_the_run_resolved_to(tmp_path):
+    r = run_cli(TINY + ["--epochs", "1", "--out", str(tmp_path / "o")])
+    first = r.stderr.splitlines()[0]
+    assert first.startswith("fastmix: automix on synthetic, arch resnet_small, 1 epochs")
+    assert "preset none (--dataset/--arch given without --preset" in first
+    r = run_cli(["--preset", "cpu-small", "--print-config", "--dataset", "synthetic"])
+    assert json.loads(r.stdout)["epochs"] == 3
+
+
+def test_metrics_are_valid_json_even_with_nan():
+    from fastmix.engine import json_line
+    line = json_line({"loss": float("nan"), "top1": {"a": float("inf"), "b": 1.5}, "l": [float("-inf")]})
+    assert json.loads(line) == {"loss": None, "top1": {"a": None, "b": 1.5}, "l": [None]}
+
+
+def test_fused_and_eager_agree_on_out_of_range_labels_and_indices():
+    from fastmix.functional import mixup_images
+    from fastmix.mixblock import MixBlock
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 5])   # 5 is out of range
+    ok = torch.tensor([0, 1, 2, 3, 4, 0])
+    for fused in (False, True):
+        with pytest.raises(IndexError):
+            mixed_cross_entropy(logits, y, ok, 0.3, fused=fused)
+        with pytest.raises(IndexError):
+            mixed_cross_entropy(logits, ok, -ok - 1, 0.3, fused=fused)
+        with pytest.raises(IndexError):
+            mixup_images(torch.randn(6, 3, 4, 4), torch.tensor([0, 1, 2, 3, 4, 6]), 0.3, fused=fused)
+    mb = MixBlock(8)
+    z = torch.randn(3, 8, 2, 2)
+    with pytest.raises(IndexError):
+        mb(z, 0.5, torch.tensor([0, 1, 3]), (4, 4))
+    from fastmix.kernels.mixblock_attn import mixblock_attention
+    qk, v = torch.randn(3, 4, 4), torch.randn(3, 4)
+    with pytest.raises(IndexError):
+        mixblock_attention(qk, v, torch.tensor([0, 1, 3]))
+
+
+def test_silently_accepted_api_inputs_are_refused():
+    from fastmix.functional import cutmix_box, mask_mix_images
+    import numpy as np
+    with pytest.raises(ValueError, match=r"lam must be a number in \[0, 1\]"):
+        cutmix_box(8, 8, 1.5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"\[N, 1, h, w\]"):
+        mask_mix_images(torch.randn(2, 3, 8, 8), torch.tensor([1, 0]), torch.randn(2, 3, 2, 2),
+                        fused=False)
+
+    class OneMap(torch.nn.Module):
+        out_channels = (16, 16)
+
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+
+        def forward(self, x):
+            return [self.conv(x)]
+    model = AutoMix(OneMap(), 10, fused=False)
+    with pytest.raises(ValueError, match="two maps"):
+        model.forward_train(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    r = subprocess.run([sys.executable, "-c", "import fastmix.kernels, fastmix; "
+                        "print(fastmix.kernels.__name__)"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "fastmix.kernels", r.stderr

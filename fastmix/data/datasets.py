@@ -8,6 +8,7 @@ import gzip
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,13 +90,24 @@ class ArrayDataset:
 
 
 # ---- Fashion-MNIST (IDX) ------------------------------------------------------------------
+IDX_MAX_BYTES = 1 << 33   # 8 GiB: far above any IDX dataset; a header claiming more is refused
+
+
 def _read_idx(path, expected_magic, what):
+    """An IDX file (plain or gzip), read no further than its header's declared size + 1 byte:
+    a header that lies, or a gzip bomb, is refused without inflating the rest."""
     try:
         with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
-            data = f.read()
+            data = f.read(16 if what == "images" else 8)
+            if len(data) >= 8:
+                magic, count = struct.unpack(">II", data[:8])
+                body = count * (int.from_bytes(data[8:12], "big") * int.from_bytes(data[12:16], "big")
+                                if what == "images" and len(data) == 16 else 1)
+                if magic == expected_magic and body <= IDX_MAX_BYTES:
+                    data += f.read(body + 1)
     except FileNotFoundError:
         raise
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DatasetError(f"{path}: cannot read ({e})") from e
     if len(data) < 8:
         raise DatasetError(f"{path}: too short for an IDX header")
@@ -107,11 +119,17 @@ def _read_idx(path, expected_magic, what):
             raise DatasetError(f"{path}: too short for an IDX image header")
         rows, cols = struct.unpack(">II", data[8:16])
         expected = 16 + count * rows * cols
+        if expected - 16 > IDX_MAX_BYTES:
+            raise DatasetError(f"{path}: the header declares {count} images of {rows}x{cols} "
+                               f"({expected} bytes), more than fastmix reads from an IDX file")
         if len(data) != expected:
             raise DatasetError(f"{path}: {len(data)} bytes, expected {expected} for {count} "
                                f"images of {rows}x{cols}")
         arr = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, 1, rows, cols)
     else:
+        if count > IDX_MAX_BYTES:
+            raise DatasetError(f"{path}: the header declares {count} labels, more than fastmix "
+                               f"reads from an IDX file")
         if len(data) != 8 + count:
             raise DatasetError(f"{path}: {len(data)} bytes, expected {8 + count} for {count} labels")
         arr = np.frombuffer(data, dtype=np.uint8, offset=8)
@@ -136,6 +154,9 @@ def load_fashion_mnist(data_dir=None, train=True):
     if images.shape[0] != labels.shape[0]:
         raise DatasetError(f"{paths[0]} has {images.shape[0]} images but {paths[1]} has "
                            f"{labels.shape[0]} labels")
+    if int(labels.max()) >= 10:
+        raise DatasetError(f"{paths[1]}: labels must lie in [0, 10) for Fashion-MNIST, found "
+                           f"{int(labels.max())}")
     return ArrayDataset(images, labels.long(), 10, (0.2860,), (0.3530,), "fashion-mnist")
 
 
@@ -143,10 +164,30 @@ def load_fashion_mnist(data_dir=None, train=True):
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.201)
 
 
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR batch holds (dicts, lists, bytes, numbers, numpy arrays) and
+    nothing else: ``find_class`` allows numpy's array reconstruction only, so a pickle that
+    names any other callable (``os.system``, ...) is refused before it can run."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused: the pickle names {module}.{name}, which a "
+                                     f"dataset file has no reason to hold")
+
+
+def safe_pickle_load(f):
+    return SafeUnpickler(f, encoding="bytes").load()
+
+
 def _read_cifar_batch(path, label_key):
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = safe_pickle_load(f)
     except FileNotFoundError:
         raise
     except Exception as e:  # pickle raises many kinds on corrupt input

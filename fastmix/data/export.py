@@ -14,14 +14,13 @@ deletes it first): stale files from an earlier export would otherwise mix in.
 """
 import argparse
 import os
-import pickle
 import re
 import shutil
 import sys
 
 import numpy as np
 
-from fastmix.data.datasets import DatasetError, load_cifar, load_fashion_mnist
+from fastmix.data.datasets import DatasetError, load_cifar, load_fashion_mnist, safe_pickle_load
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
@@ -44,7 +43,7 @@ def _cifar_meta_names(data_dir, num_classes):
         if os.path.exists(path):
             try:
                 with open(path, "rb") as f:
-                    d = pickle.load(f, encoding="bytes")
+                    d = safe_pickle_load(f)
                 names = d.get(key.encode(), d.get(key))
                 if names is not None and len(names) == num_classes:
                     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
@@ -140,6 +139,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         p.error(f"--limit must be positive, got {args.limit}")
+    if not 1 <= args.quality <= 100:
+        p.error(f"--quality must lie in [1, 100], got {args.quality}")
+    nearest = os.path.abspath(args.out)
+    while not os.path.exists(nearest):  # the nearest existing path must be a writable folder
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        p.error(f"--out {args.out}: {nearest} is a file; give a folder (it gets train/ and val/)")
+    if not os.access(nearest, os.W_OK):
+        p.error(f"--out {args.out}: {nearest} is not writable")
     try:
         counts = export(args.dataset, args.out, args.data_dir, args.limit, args.quality, args.overwrite)
     except DatasetError as e:

@@ -89,17 +89,42 @@ def _is_image(name):
     return name.lower().endswith(IMG_EXTENSIONS) and not name.startswith(".")
 
 
-def _list_class(class_dir):
-    """Image files under ``class_dir`` (recursively, symlinks followed), sorted."""
-    out, others = [], 0
+def _list_class(class_dir, allowed_roots):
+    """Image files under ``class_dir`` (recursively, symlinks followed), sorted, as
+    ``(files, others, refused)``. A linked folder is entered once (a link cycle cannot loop), and
+    a file or folder whose real path lies outside ``allowed_roots`` (the dataset root and the
+    split folder, resolved) is not read: it lands in ``refused`` with the reason."""
+    out, others, refused, seen = [], 0, [], set()
     for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen or not _inside(real, allowed_roots):
+            if real not in seen:
+                refused.append((dirpath, f"links outside the dataset, to {real}"))
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in sorted(filenames):
-            if _is_image(f):
-                out.append(os.path.join(dirpath, f))
-            else:
+            if not _is_image(f):
                 others += 1
-    return out, others
+                continue
+            path = os.path.join(dirpath, f)
+            target = os.path.realpath(path)
+            if not _inside(target, allowed_roots):
+                refused.append((path, f"links outside the dataset, to {target}"))
+            else:
+                out.append(path)
+    return out, others, refused
+
+
+def _inside(path, roots):
+    return any(path == r or path.startswith(r + os.sep) for r in roots)
+
+
+def split_overlap(files_a, files_b):
+    """Real files that appear in both lists (e.g. a val image linked into train)."""
+    real_a = {os.path.realpath(f) for f in files_a}
+    return sorted({os.path.realpath(f) for f in files_b} & real_a)
 
 
 def _sniff(head):
@@ -194,15 +219,35 @@ def scan_imagefolder(root, split, verify=True, check_splits=SPLITS, classes=None
             theirs = _class_dirs(other_dir)
             if theirs != found:
                 _raise_mismatch(split_dir, found, other_dir, theirs)
-    files, labels, skipped = [], [], []
+    files, labels, skipped, refused, owner, dupes = [], [], [], [], {}, []
+    allowed = {os.path.realpath(root), os.path.realpath(split_dir)}
     for label, name in enumerate(found):
-        listed, others = _list_class(os.path.join(split_dir, name))
+        listed, others, out_of_tree = _list_class(os.path.join(split_dir, name), allowed)
+        refused += out_of_tree
         if not listed:
             extra = f" ({others} files with other extensions)" if others else ""
             raise DatasetError(f"class folder {os.path.join(split_dir, name)} has no images{extra}: "
                                f"every class needs at least one {'/'.join(IMG_EXTENSIONS)} file")
-        files += listed
-        labels += [label] * len(listed)
+        for path in listed:
+            real = os.path.realpath(path)
+            if real in owner:   # one file reached twice (links, or a linked folder)
+                first, first_label = owner[real]
+                if first_label != label:
+                    raise DatasetError(
+                        f"{path} and {first} are the same file ({real}) in two classes "
+                        f"({name}, {found[first_label]}): its label would be ambiguous")
+                dupes.append(path)
+                continue
+            owner[real] = (path, label)
+            files.append(path)
+            labels.append(label)
+    if (refused or dupes) and not quiet:
+        if refused:
+            log(f"{split_dir}: not read, {len(refused)} link(s) leading outside the dataset "
+                f"root: " + "; ".join(f"{p} ({r})" for p, r in refused[:3]))
+        if dupes:
+            log(f"{split_dir}: {len(dupes)} file(s) reached a second time through links, used "
+                f"once: {', '.join(dupes[:3])}")
     if subset is not None and subset < len(files):
         keep = np.sort(np.random.default_rng(seed).permutation(len(files))[:subset])
         files, labels = [files[i] for i in keep], [labels[i] for i in keep]
@@ -428,8 +473,10 @@ class DaliLoader(_ImageFolderLoaderBase):
     def __iter__(self):
         self._prepare(self.epoch)
         it, self._fresh = self._iter, False   # a pass that stops early leaves it unusable
+        done = 0
         try:
             for batch in it:
+                done += 1
                 x, y = batch[0]["images"], batch[0]["labels"]
                 if self.channels_last:
                     x = x.permute(0, 3, 1, 2)  # NHWC memory -> NCHW channels-last view, no copy
@@ -438,9 +485,19 @@ class DaliLoader(_ImageFolderLoaderBase):
                 yield x, y.view(-1).to(torch.int64)
         except RuntimeError as e:
             self._iter = None
-            raise DatasetError(f"DALI failed while reading {self.root}/{self.split}: {e}. Build the "
-                               f"loader with verify=True (or 'full') to drop unreadable files "
-                               f"before training.") from e
+            # DALI's error does not name the file: decode (with PIL) the files of the batch
+            # that failed and the ones it had prefetched, and name the culprits.
+            idx = self.epoch_indices(self.epoch)
+            near = idx[done * self.batch_size:(done + self.prefetch + 2) * self.batch_size]
+            bad = [(self.files[i], r) for i in near
+                   if (r := check_image_file(self.files[i], "full")) is not None]
+            where = ("; ".join(f"{p} ({r})" for p, r in bad[:5]) if bad else
+                     "no single file of the failing batches fails to decode with PIL")
+            raise DatasetError(
+                f"DALI could not decode an image of {self.root}/{self.split} ({where}). The "
+                f"cheap pre-scan checks only a file's signature and end marker; run with "
+                f"--verify-images full to decode every file before training and skip the "
+                f"unreadable ones. DALI said: {str(e).splitlines()[0][:300]}") from None
         if self.train:                        # build the next epoch's pipeline: it prefetches
             self._iter = None                 # while the caller evaluates
             self._prepare(self.epoch + 1)
@@ -491,7 +548,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB
         except Exception as e:
-            raise DatasetError(f"{path}: cannot decode ({type(e).__name__}: {e})") from e
+            raise DatasetError(f"{path}: cannot decode ({type(e).__name__}: {e}); run with "
+                               f"--verify-images full to decode every file before training and "
+                               f"skip the unreadable ones") from e
         s = self.size
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
@@ -547,7 +606,11 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=_ShardSampler(self),
             num_workers=self.num_workers, drop_last=self.drop_last,
-            pin_memory=self.device.type == "cuda", persistent_workers=False)
+            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            # Starting an iterator draws a base seed; from the global torch RNG it would shift
+            # the training step's random stream (and break exact resume). The augmentation is
+            # keyed by (seed, epoch, index), not by this seed.
+            generator=torch.Generator().manual_seed(seed))
 
     def __iter__(self):
         self.dataset.epoch = self.epoch   # workers start per epoch and copy the dataset
