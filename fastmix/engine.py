@@ -382,9 +382,9 @@ def load_checkpoint(path):
     except Exception as e:
         # torch's message for a refused object advises weights_only=False, i.e. to run the
         # file's code: keep only the reason.
-        lines = [l for l in str(e).splitlines() if "WeightsUnpickler error" in l] or \
-            str(e).splitlines()[:1] or [""]
-        reason = lines[0].strip()[:300]
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()
+                 and "weights_only" not in line and not line.startswith("Check the documentation")]
+        reason = (lines or ["refused by torch.load(weights_only=True)"])[0][:300]
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated, corrupt, or not a "
                               f"checkpoint of plain tensors and data): {type(e).__name__}: "
                               f"{reason}") from None

@@ -14,7 +14,6 @@ from PIL import Image
 
 from fastmix.data import DatasetError, load_cifar, scan_imagefolder
 from fastmix.data.export import _cifar_meta_names
-from fastmix.data.imagefolder import split_overlap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -136,6 +135,7 @@ def test_one_file_in_two_classes_is_an_error_and_twice_in_one_is_used_once(tree,
 
 
 def test_val_file_linked_into_train_is_reported(tree):
+    from fastmix.data.imagefolder import split_overlap
     os.symlink(tree / "val" / "a" / "0.png", tree / "train" / "a" / "leak.png")
     train = scan_imagefolder(str(tree), "train", quiet=True)
     val = scan_imagefolder(str(tree), "val", quiet=True)
