@@ -106,8 +106,15 @@ def test_killed_study_resumes_from_the_checkpoint(tmp_path):
 
 
 def test_bad_flags_are_refused_before_work(tmp_path):
-    for bad in (["--methods", "mixup,nope"], ["--seeds", "a"], ["--epochs", "0"]):
+    for bad in (["--methods", "mixup,nope"], ["--seeds", "a"], ["--epochs", "0"],
+                ["--alpha", "cutmix"], ["--alpha", "cutmix=-1"], ["--alpha", "puzzle=1"]):
         with pytest.raises(SystemExit) as e:
             accuracy.parse_args(bad + ["--out", str(tmp_path / "x")])
         assert e.value.code == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_per_method_alpha_reaches_only_that_method():
+    args = accuracy.parse_args(["--alpha", "cutmix=1"])
+    assert accuracy.run_argv(args, "cutmix", 0, "o")[-2:] == ["--alpha", "1.0"]
+    assert "--alpha" not in accuracy.run_argv(args, "mixup", 0, "o")

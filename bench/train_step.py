@@ -25,8 +25,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from fastmix.engine import Config, build_model, build_optimizer  # noqa: E402
-from fastmix.step import CUDAGraphStep, StepGuard, TrainStep, autocast_context  # noqa: E402
+from fastmix.engine import Config, build_optimizer, build_step, build_training  # noqa: E402
 
 CONFIGS = ("faithful", "careful", "compiled", "fastmix", "graphs")
 CPU_CONFIGS = ("faithful", "careful", "fastmix", "graphs")  # no torch.compile on the CPU
@@ -38,21 +37,13 @@ def make_step(method, arch, batch, size, config, device, num_classes=100):
     cfg = Config(method=method, arch=arch, eager=not fast,
                  amp="bf16" if cuda and config != "faithful" else "none",
                  channels_last=config != "faithful",
-                 compile=cuda and config in ("compiled", "fastmix", "graphs"))
+                 compile=cuda and config in ("compiled", "fastmix", "graphs"),
+                 cuda_graphs=config == "graphs")
     torch.manual_seed(0)
-    model = build_model(cfg, 3, num_classes).to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:
-        for name in ("backbone_q", "backbone_k", "backbone"):
-            if hasattr(model, name):
-                getattr(model, name).compile()
-    opt = build_optimizer(cfg, model, fused=fast)  # as in train.py (fused SGD exists on the CPU too)
-    guard = StepGuard(model, device, enabled=fast)
-    if config == "graphs":
-        fn = CUDAGraphStep(model, opt, guard, lambda: autocast_context(cfg, device, False), device)
-    else:
-        fn = TrainStep(model, opt, guard, lambda: autocast_context(cfg, device))
+    model, opt, scaler = build_training(cfg, device, 3, num_classes)   # as train.py builds them
+    if not fast:  # the eager configurations: plain (unfused) SGD
+        opt = build_optimizer(cfg, model, fused=False)
+    fn, _ = build_step(cfg, model, opt, scaler, device, guard=fast)
     x = torch.randn(batch, 3, size, size, device=device)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)

@@ -33,9 +33,9 @@ __version__ = "0.1.0"
 
 from fastmix.automix import AutoMix  # noqa: E402
 from fastmix.backbones import ClsHead, FeatureTap, TimmBackbone, build_backbone  # noqa: E402
-from fastmix.functional import mixed_cross_entropy, set_fused  # noqa: E402
+from fastmix.functional import mixed_cross_entropy  # noqa: E402
 from fastmix.mixblock import MixBlock  # noqa: E402
 from fastmix.mixup import MixupClassifier  # noqa: E402
 
 __all__ = ["AutoMix", "MixBlock", "MixupClassifier", "ClsHead", "FeatureTap", "TimmBackbone",
-           "build_backbone", "mixed_cross_entropy", "set_fused"]
+           "build_backbone", "mixed_cross_entropy"]

@@ -186,11 +186,6 @@ class AutoMix(MixMethod):
         return self._ema_pairs
 
     @torch.no_grad()
-    def momentum_update(self, m, finite=None):
-        """θ_k <- m θ_k + (1 - m) θ_q over parameters (not buffers); see ``ema_update``."""
-        self.ema_update(1.0 - m, finite)
-
-    @torch.no_grad()
     def ema_update(self, weight, finite=None):
         """θ_k <- θ_k + w (θ_q - θ_k), w = 1 - m, as multi-tensor ops.
 
@@ -241,9 +236,6 @@ class AutoMix(MixMethod):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         backbone = self.backbone_k if head.endswith("_k") else self.backbone_q
         return backbone, getattr(self, "head_" + head)
-
-    def mb_parameters(self):
-        return list(self.mix_block.parameters())
 
 
 def _stage3_and_final(features):

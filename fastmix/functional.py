@@ -2,24 +2,13 @@
 
 ``fused=None`` (the default everywhere) means: fused when the tensor lives on a CUDA device
 and Triton is importable, eager otherwise. ``fused=True`` forces the kernels (on CPU they then
-need ``TRITON_INTERPRET=1``, which is how the tests check them); ``fused=False`` forces eager.
-``set_fused(False)`` flips the process-wide default (``train.py --eager``).
+need ``TRITON_INTERPRET=1``, which is how the tests check them); ``fused=False`` forces eager
+(``train.py --eager`` passes it to the model).
 """
 import os
 
 import torch
 import torch.nn.functional as F
-
-_DEFAULT_FUSED = None
-
-
-def set_fused(value):
-    """Process-wide default for ``fused=None``: None (auto), True or False."""
-    global _DEFAULT_FUSED
-    if value not in (None, True, False):
-        raise ValueError(f"fused must be None, True or False, got {value!r}")
-    _DEFAULT_FUSED = value
-
 
 def _triton_available():
     try:
@@ -31,8 +20,6 @@ def _triton_available():
 
 def use_fused(tensor: torch.Tensor, fused=None) -> bool:
     """Decide whether an op on ``tensor`` runs the fused kernel."""
-    if fused is None:
-        fused = _DEFAULT_FUSED
     if fused is None:
         return tensor.is_cuda and _triton_available()
     if fused and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -65,13 +52,27 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
     if use_fused(logits, fused):
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
+    return mixed_cross_entropy_eager(logits, target_a, target_b, lam, label_smoothing)
+
+
+def mixed_cross_entropy_eager(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0):
+    """The eager twin of the fused mixed cross-entropy (``kernels/mixed_ce.py`` is tested
+    against this very function): fp32 ``F.cross_entropy`` of each target, mixed with ``lam``.
+
+    Every label is a class: no ``ignore_index`` (F.cross_entropy would silently drop -100), so
+    an out-of-range label raises (CPU) or trips a device assert (CUDA), as in the kernel."""
+    _check_lam(lam)
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     z = logits.float()
-    # Every label is a class: no ignore_index (F.cross_entropy would silently drop -100), so an
-    # out-of-range label is an error here as in the fused kernel.
-    loss_a = F.cross_entropy(z, target_a, label_smoothing=label_smoothing, ignore_index=_NO_IGNORE)
+    loss_a = F.cross_entropy(z, target_a.long(), label_smoothing=label_smoothing,
+                             ignore_index=_NO_IGNORE)
     if target_b is None:
         return loss_a
-    loss_b = F.cross_entropy(z, target_b, label_smoothing=label_smoothing, ignore_index=_NO_IGNORE)
+    loss_b = F.cross_entropy(z, target_b.long(), label_smoothing=label_smoothing,
+                             ignore_index=_NO_IGNORE)
+    if isinstance(lam, torch.Tensor):
+        lam = lam.to(device=z.device, dtype=torch.float32)
     return lam * loss_a + (1.0 - lam) * loss_b
 
 

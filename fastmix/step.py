@@ -19,14 +19,7 @@ import os
 
 import torch
 
-
-def autocast_context(cfg, device, cache_enabled=True):
-    """bf16 / fp16 autocast per ``cfg.amp`` (``none``: no autocast). A captured step needs
-    ``cache_enabled=False`` (the cast-weight cache must not outlive the capture)."""
-    if cfg.amp == "none":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if cfg.amp == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
+from fastmix.runtime import autocast_context  # noqa: F401  (re-exported)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,7 +37,7 @@ class StepGuard:
     """
 
     def __init__(self, model, device, enabled=True):
-        self.enabled = enabled
+        self.enabled, self.device = enabled, device
         self.buffers = [b for b in model.buffers() if b.is_floating_point()] if enabled else []
         self.backup = [b.clone() for b in self.buffers]
         z = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731

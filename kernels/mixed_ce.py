@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from fastmix.functional import mixed_cross_entropy_eager  # noqa: F401  (the one eager twin)
 from fastmix.kernels import _common
 
 __all__ = ["mixed_cross_entropy", "mixed_cross_entropy_eager", "cross_entropy"]
@@ -289,21 +290,3 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
 def cross_entropy(logits, target, label_smoothing=0.0):
     """Plain (optionally label-smoothed) cross-entropy through the fused kernel; 0-d fp32."""
     return mixed_cross_entropy(logits, target, None, 1.0, label_smoothing)
-
-
-def mixed_cross_entropy_eager(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0):
-    """The PyTorch twin: ``lam * CE_a + (1 - lam) * CE_b`` in fp32 with ``F.cross_entropy``.
-
-    Unlike the fused op it inherits F.cross_entropy's label handling: -100 is ignored and other
-    out-of-range labels raise (CPU) or trip a device assert (CUDA).
-    """
-    _check_args(logits, target_a, target_b, lam, label_smoothing)
-    eps = float(label_smoothing)
-    z = logits.float()
-    ce_a = F.cross_entropy(z, target_a.long(), label_smoothing=eps)
-    if target_b is None:
-        return ce_a
-    ce_b = F.cross_entropy(z, target_b.long(), label_smoothing=eps)
-    if isinstance(lam, torch.Tensor):
-        lam = lam.to(device=z.device, dtype=torch.float32)
-    return lam * ce_a + (1 - lam) * ce_b

@@ -335,12 +335,16 @@ def test_int32_index():
     _check_close(g_f, g_e, 1e-5, "int32 index gradient")
 
 
-def test_out_of_range_index_poisons_its_sample():
+def test_out_of_range_index_raises_like_eager():
+    """An index outside [0, N) is an IndexError in the kernel as in the eager twin, not a NaN
+    sample that a trainer would skip silently."""
     x, _, m = _inputs(3, 3, (8, 8), (2, 2))
-    index = torch.tensor([1, 3, 0], device=DEVICE)       # 3 is out of range
-    out = M.mix_images(x, index, m)
-    assert torch.isnan(out[1]).all()
-    assert torch.isfinite(out[0]).all() and torch.isfinite(out[2]).all()
+    for bad in ([1, 3, 0], [1, -1, 0]):
+        index = torch.tensor(bad, device=DEVICE)
+        with pytest.raises(IndexError, match=r"values must lie in \[0, 3\)"):
+            M.mix_images(x, index, m)
+        with pytest.raises(IndexError):
+            M.mix_images_eager(x, index, m)
 
 
 def test_upstream_gradient_layouts():

@@ -199,11 +199,28 @@ def test_api_misuse_raises_clear_errors():
 
 @pytest.mark.slow
 def test_ddp_one_rank_fails_all_exit_nonzero(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", FASTMIX_INJECT_FAULT="1:2")
+    """Rank 1 raises at its third batch (a wrapped loader, set up by this test's runner)."""
+    runner = tmp_path / "run.py"
+    runner.write_text(textwrap.dedent(f"""
+        import sys, torch.distributed as dist
+        sys.path.insert(0, {ROOT!r})
+        from fastmix.data import TensorLoader
+        orig = TensorLoader.__iter__
+        def failing(self):
+            for i, item in enumerate(orig(self)):
+                if self.train and i == 2 and dist.get_rank() == 1:
+                    raise RuntimeError("injected fault in rank 1")
+                yield item
+        TensorLoader.__iter__ = failing
+        import train
+        sys.exit(train.main(sys.argv[1:]))
+    """))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     t = time.time()
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--standalone", "train.py", *TINY, "--epochs", "2", "--out", str(tmp_path)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+                        "--standalone", str(runner), *TINY, "--epochs", "2", "--out",
+                        str(tmp_path / "o")], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=180)
     assert r.returncode != 0 and "injected fault" in r.stderr
     assert time.time() - t < 180
 
