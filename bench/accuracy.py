@@ -290,10 +290,11 @@ def plot_masks(folder, path, n=8):
     import torch
 
     from fastmix.data import load_dataset
-    from fastmix.engine import Config, build_model, load_checkpoint
+    from fastmix.config import config_from_dict
+    from fastmix.engine import build_model, load_checkpoint
     from fastmix.visualize import save_mix_grid
     state = load_checkpoint(os.path.join(folder, "last.pt"))
-    cfg = Config(**state["config"])
+    cfg = config_from_dict(state["config"])
     test_set = load_dataset(cfg.dataset, cfg.data_dir, train=False)
     model = build_model(cfg, test_set.images.shape[1], test_set.num_classes)
     model.load_state_dict(state["model"])

@@ -104,6 +104,13 @@ class Config:
                               "apex)", choices=("torch", "apex"))
 
 
+def config_from_dict(values):
+    """A Config from a saved ``asdict`` (a checkpoint's ``config``); settings this version no
+    longer has (e.g. ``extra``) are dropped."""
+    known = {f.name for f in fields(Config)}
+    return Config(**{k: v for k, v in values.items() if k in known})
+
+
 # Recipes from the spec's configs (§3); a flag given on the command line overrides them.
 PRESETS = {
     # AutoMix on CIFAR: lr 0.1 -> 0.05 for everything, EMA 0.999 -> 0.999999 (baselines: 0).

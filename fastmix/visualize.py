@@ -43,7 +43,7 @@ def save_mix_grid(model, dataset, path, device, n=8, lam=0.5, channels_last=Fals
     img = Image.fromarray((np.clip(grid, 0, 1) * 255).astype(np.uint8))
     scale = max(1, 256 // x.shape[-1])
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    img = _with_header(img, ["image x_i", "partner x_j", "mask of x_j", f"mixed (λ={lam:g})"])
+    img = _with_header(img, ["image x_i", "partner x_j", "mask of x_j", f"mixed (lam={lam:g})"])
     img.save(path)
     return path
 
