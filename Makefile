@@ -35,7 +35,7 @@ data:
 	fi
 
 train: setup data
-	$(PY) train.py --out runs/main $(TRAIN_ARGS)
+	$(PY) train.py --out runs/main --overwrite $(TRAIN_ARGS)
 
 test: setup data
 	$(PY) -m pytest -q tests bench --benchmark-disable $(PYTEST_ARGS)
