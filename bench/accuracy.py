@@ -148,17 +148,13 @@ def read_run(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         history = [json.loads(line) for line in f if line.strip()]
     tested = [r for r in history if "top1" in r]
-    heads = list(tested[-1]["top1"])
-    window = tested[-WINDOW:]
-    median = {h: statistics.median(r["top1"][h] for r in window) for h in heads}
-    final = dict(tested[-1]["top1"])
-    val = [r["val_top1"] for r in history if "val_top1" in r][-WINDOW:]
-    if val:
-        val_median = {h: statistics.median(v[h] for v in val) for h in heads}
+    final, median = summary["final_top1"], summary["median_last10_top1"]
+    heads = list(final)
+    val_median = summary.get("median_last10_val_top1")
+    if val_median:
         reported = max(heads, key=lambda h: val_median[h])
         rule = "best median validation top-1 of the last 10 epochs"
     else:
-        val_median = None
         reported = "one_k" if "one_k" in heads else heads[0]
         rule = "the inference head (no validation split)"
     losses = {}

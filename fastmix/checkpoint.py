@@ -13,6 +13,19 @@ import torch
 TMP_PREFIX = ".tmp-"
 
 
+def unwritable_reason(folder):
+    """None if ``folder`` exists and is writable, or can be made: its nearest existing ancestor
+    is a writable folder; else why not (checked before any work, never by writing)."""
+    nearest = os.path.abspath(folder)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest):
+        return f"{nearest} is a file"
+    if not os.access(nearest, os.W_OK):
+        return f"{nearest} is not writable"
+    return None
+
+
 def remove_stale_temporaries(folder, name):
     """Delete the temporary files an interrupted ``atomic_save`` of ``folder/name`` left behind
     (a kill -9 mid-write cannot clean up after itself); returns their paths."""

@@ -19,7 +19,8 @@ from fastmix.automix import AutoMix
 from fastmix.backbones import build_backbone
 from fastmix.checkpoint import (CheckpointError, atomic_save, export_classifier,  # noqa: F401
                                 load_checkpoint, load_training_checkpoint,
-                                remove_stale_temporaries, rng_states, set_rng_states)
+                                remove_stale_temporaries, rng_states, set_rng_states,
+                                unwritable_reason)
 from fastmix.config import DEFAULT_ALPHA, METHODS, Config, validate_config  # noqa: F401
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.mixup import MixupClassifier
@@ -157,12 +158,9 @@ RUN_FILES = ("last.pt", "metrics.jsonl", "summary.json")
 
 def check_run_settings(cfg: Config):
     """What would fail only once the run is under way (OUT, the export), checked at its start."""
-    nearest = os.path.abspath(cfg.out)
-    while not os.path.exists(nearest):
-        nearest = os.path.dirname(nearest)
-    if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
-        raise ValueError(f"--out {cfg.out} is not writable ({nearest} is "
-                         f"{'a file' if not os.path.isdir(nearest) else 'not writable'})")
+    why = unwritable_reason(cfg.out)
+    if why:
+        raise ValueError(f"--out {cfg.out} is not writable ({why})")
     if cfg.export:
         folder = os.path.dirname(os.path.abspath(cfg.export))
         if os.path.isdir(cfg.export):
@@ -177,9 +175,7 @@ def claim_out(cfg: Config, rank=0):
     """Make OUT, refuse to start afresh over an earlier run unless ``overwrite`` (which deletes
     its files, so no later message can point at the old checkpoint), and delete temporary files
     that an interrupted checkpoint write left behind."""
-    os.makedirs(cfg.out, exist_ok=True)
-    if not os.access(cfg.out, os.W_OK):
-        raise PermissionError(f"output folder {cfg.out} is not writable")
+    os.makedirs(cfg.out, exist_ok=True)   # writable: check_run_settings made sure
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if earlier and not cfg.resume:
         if not cfg.overwrite:

@@ -20,6 +20,7 @@ import sys
 
 import numpy as np
 
+from fastmix.checkpoint import unwritable_reason
 from fastmix.data.datasets import DatasetError, load_cifar, load_fashion_mnist, safe_pickle_load
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -141,13 +142,9 @@ def main(argv=None):
         p.error(f"--limit must be positive, got {args.limit}")
     if not 1 <= args.quality <= 100:
         p.error(f"--quality must lie in [1, 100], got {args.quality}")
-    nearest = os.path.abspath(args.out)
-    while not os.path.exists(nearest):  # the nearest existing path must be a writable folder
-        nearest = os.path.dirname(nearest)
-    if not os.path.isdir(nearest):
-        p.error(f"--out {args.out}: {nearest} is a file; give a folder (it gets train/ and val/)")
-    if not os.access(nearest, os.W_OK):
-        p.error(f"--out {args.out}: {nearest} is not writable")
+    why = unwritable_reason(args.out)
+    if why:
+        p.error(f"--out {args.out}: {why}; give a writable folder (it gets train/ and val/)")
     try:
         counts = export(args.dataset, args.out, args.data_dir, args.limit, args.quality, args.overwrite)
     except DatasetError as e:
