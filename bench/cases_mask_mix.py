@@ -21,6 +21,7 @@ logits' bytes, both in their own dtypes):
 import torch
 
 from bench.common import Case
+from fastmix import functional as E   # the eager twins
 from fastmix.kernels import mask_mix
 
 _SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -73,7 +74,7 @@ def _case(n, c, size, msize, dtype, device, channels_last, mode="nearest", varia
         op="mask_mix",
         shape=shape,
         make=make,
-        eager=mask_mix.mix_images_eager if single else mask_mix.mix_images_pair_eager,
+        eager=E.mix_images_eager if single else E.mix_images_pair_eager,
         fused=mask_mix.mix_images if single else mask_mix.mix_images_pair,
         bytes_fwd=bytes_fwd,
         bytes_fwd_bwd=bytes_fwd_bwd,

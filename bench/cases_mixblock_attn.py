@@ -7,6 +7,7 @@ the λ-channel biases (fixed tensors here, no grad).
 import torch
 
 from bench.common import Case
+from fastmix import functional as E   # the eager twin
 from fastmix.kernels import mixblock_attn as M
 
 _ITEM = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
@@ -36,7 +37,7 @@ def _case(device, name, n, h, d, dtype):
         op="mixblock_attn",
         shape=f"{name} N={n} L={h}x{h} D={d} {dt}",
         make=make,
-        eager=M.mixblock_attention_eager,
+        eager=E.mixblock_attention_eager,
         fused=M.mixblock_attention,
         bytes_fwd=bytes_fwd,
         bytes_fwd_bwd=bytes_fwd_bwd,

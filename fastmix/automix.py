@@ -24,10 +24,10 @@ import copy
 import torch
 
 from fastmix.backbones import ClsHead
-from fastmix.classifier import MixMethod
-from fastmix.functional import mixed_cross_entropy, mixup_images, upsample_mask, use_fused
+from fastmix.method import MixMethod
+from fastmix.functional import mixed_cross_entropy, mix_images_pair, upsample_mask, use_fused
 from fastmix.mixblock import MixBlock
-from fastmix.schedules import ema_momentum
+from fastmix import schedules
 
 HEADS = ("one_k", "mix_k", "one_q", "mix_q")
 
@@ -42,8 +42,8 @@ class AutoMix(MixMethod):
     default_head = "one_k"      # the official inference model: momentum encoder + one-hot head
     head_names = HEADS
 
-    def __init__(self, backbone, num_classes, alpha=2.0, momentum=0.999, momentum_end=0.999999,
-                 momentum_warmup=0.1, mask_loss_weight=0.1, mask_loss_mode="L1",
+    def __init__(self, backbone, num_classes, alpha=2.0, ema_momentum=0.999, ema_end=0.999999,
+                 ema_warmup=0.1, mask_loss_weight=0.1, mask_loss_mode="L1",
                  mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
                  upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
                  head_weights=None, k_early_exit=False, seed=None, fused=None):
@@ -53,10 +53,10 @@ class AutoMix(MixMethod):
                 len(backbone.out_channels) != 2:
             raise ValueError("the backbone must expose out_channels = (stage-3 C, final C) and "
                              "return [stage3, final] features (see fastmix.backbones)")
-        if not 0 <= momentum <= 1 or not 0 <= momentum_end <= 1:
+        if not 0 <= ema_momentum <= 1 or not 0 <= ema_end <= 1:
             raise ValueError("EMA momentum values must lie in [0, 1]")
         c3, c_final = backbone.out_channels
-        self.momentum, self.momentum_end, self.momentum_warmup = momentum, momentum_end, momentum_warmup
+        self.ema_momentum, self.ema_end, self.ema_warmup = ema_momentum, ema_end, ema_warmup
         self.mask_loss_weight = mask_loss_weight
         self.lam_margin = max(lam_margin, 0.0)
         self.mix_shuffle_no_repeat = mix_shuffle_no_repeat
@@ -103,10 +103,8 @@ class AutoMix(MixMethod):
         with torch.no_grad():
             z = (self.backbone_k(x, stop_at_stage3=True)[0] if self.k_early_exit
                  else _stage3_and_final(self.backbone_k(x))[0])
-        if use_fused(x, self.fused):
-            x_mb, x_bb, m_mb = self._mix_fused(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback)
-        else:
-            x_mb, x_bb, m_mb = self._mix_eager(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback)
+        x_mb, x_bb, m_mb = self._mix(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback,
+                                     use_fused(x, self.fused))
         loss_mask = self.mask_loss_weight * self.mix_block.mask_loss(m_mb, lam_mb)
 
         ce = self._mixed_ce
@@ -130,48 +128,28 @@ class AutoMix(MixMethod):
     def _mixed_ce(self, logits, y_a, y_b, lam):
         return mixed_cross_entropy(logits, y_a, y_b, lam, self.label_smoothing, fused=self.fused)
 
-    def _mix_eager(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback):
-        """The faithful reference: full-resolution masks [N, 2, H, W], blended in PyTorch."""
-        size = x.shape[-2:]
-        mb = self.mix_block
-        mask_mb = mb(z, lam_mb, index_mb, size)
-        x_mb = x * mask_mb[:, 0:1] + x[index_mb] * mask_mb[:, 1:2]
-        if isinstance(mixup_fallback, torch.Tensor):
-            with torch.no_grad():
-                logits_bb = _select_mixup(mixup_fallback, lam_bb, mb.mask_logits(z, lam_bb, index_bb))
-                mask_bb = mb.mask_from_logits(logits_bb, size)
-            x_bb = x * mask_bb[:, 0:1] + x[index_bb] * mask_bb[:, 1:2]
-        elif mixup_fallback:
-            x_bb = mixup_images(x, index_bb, lam_bb, fused=False)
-        else:
-            with torch.no_grad():
-                mask_bb = mb(z, lam_bb, index_bb, size)
-            x_bb = x * mask_bb[:, 0:1] + x[index_bb] * mask_bb[:, 1:2]
-        return x_mb.to(x.dtype), x_bb.to(x.dtype), mask_mb[:, 1]
-
-    def _mix_fused(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback):
-        """Project once, two flash-style attentions, one launch for both mixed batches."""
-        from fastmix.kernels.mask_mix import mix_images_pair
-        mb = self.mix_block
-        hw = z.shape[-2:]
+    def _mix(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback, fused):
+        """Both mixed batches and the MB mask: the Mix Block projects z once, attends twice
+        (the BB mask without a graph) and one mix makes both batches (``fused``: the Triton
+        kernels, else their eager twins, which upsample the masks to full resolution)."""
+        mb, hw, size = self.mix_block, z.shape[-2:], x.shape[-2:]
         qk, v = mb.project(z)
-        logits_mb = mb.mask_logits_fused((qk, v), lam_mb, index_mb, hw)
-        mode = mb.upsample
+        logits_mb = mb.mask_logits(z, lam_mb, index_mb, projected=(qk, v), fused=fused)
+        mask_b = {"lam_b": lam_bb}
         if isinstance(mixup_fallback, torch.Tensor) or not mixup_fallback:
             with torch.no_grad():
-                logits_bb = mb.mask_logits_fused((qk.detach(), v.detach()), lam_bb, index_bb, hw)
+                logits_bb = mb.mask_logits(z, lam_bb, index_bb, (qk.detach(), v.detach()), fused)
                 if isinstance(mixup_fallback, torch.Tensor):
                     logits_bb = _select_mixup(mixup_fallback, lam_bb, logits_bb)
-            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, logits_bb, mode=mode)
-        else:
-            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, lam_b=lam_bb, mode=mode)
-        size = x.shape[-2:]
-        if mode == "nearest" and size[0] % hw[0] == 0 and size[1] % hw[1] == 0:
+            mask_b = {"mask_logits_b": logits_bb}
+        x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, mode=mb.upsample,
+                                     fused=fused, **mask_b)
+        if mb.upsample == "nearest" and size[0] % hw[0] == 0 and size[1] % hw[1] == 0:
             # Each low-res cell is repeated an equal number of times: the mean and variance of
             # the upsampled mask equal those of the low-res one, so skip the full-res tensor.
             m_mb = torch.sigmoid(logits_mb)[:, 0]
         else:
-            m_mb = torch.sigmoid(upsample_mask(logits_mb, size, mode))[:, 0]
+            m_mb = torch.sigmoid(upsample_mask(logits_mb, size, mb.upsample))[:, 0]
         return x_mb, x_bb, m_mb
 
     # ---- the EMA ------------------------------------------------------------------------
@@ -209,11 +187,13 @@ class AutoMix(MixMethod):
         torch._foreach_mul_(delta, w.to(k[0].dtype))
         torch._foreach_add_(k, delta)
 
-    def ema_momentum(self, step, total_steps):
-        return ema_momentum(step, total_steps, self.momentum, self.momentum_end, self.momentum_warmup)
+    def ema_momentum_at(self, step, total_steps):
+        """The EMA momentum after optimizer step ``step`` (spec §2.3's cosine schedule)."""
+        return schedules.ema_momentum(step, total_steps, self.ema_momentum, self.ema_end,
+                                      self.ema_warmup)
 
     def step_scalars(self, step, total_steps):
-        return {"ema_weight": 1.0 - self.ema_momentum(step, total_steps)}
+        return {"ema_weight": 1.0 - self.ema_momentum_at(step, total_steps)}
 
     def apply_step_scalars(self, scalars, finite=None):
         self.ema_update(scalars["ema_weight"], finite)

@@ -36,8 +36,8 @@ def build_model(cfg: Config, in_chans, num_classes, seed=None):
     fused = False if cfg.eager else None
     seed = cfg.seed if seed is None else seed
     if cfg.method == "automix":
-        return AutoMix(backbone, num_classes, alpha=alpha, momentum=cfg.ema_momentum,
-                       momentum_end=cfg.ema_end, mask_loss_weight=cfg.mask_loss_weight,
+        return AutoMix(backbone, num_classes, alpha=alpha, ema_momentum=cfg.ema_momentum,
+                       ema_end=cfg.ema_end, mask_loss_weight=cfg.mask_loss_weight,
                        mask_loss_mode=cfg.mask_loss_mode, lam_margin=cfg.lam_margin,
                        lam_concat=cfg.lam_concat, upsample=cfg.upsample,
                        mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
@@ -427,7 +427,7 @@ def train(cfg: Config):
             record["top1"] = evaluate(model, test_loader, world)
         record["elapsed_s"] = time.perf_counter() - t0
         if isinstance(model, AutoMix):
-            record["ema_momentum"] = model.ema_momentum(step - 1, total_steps)
+            record["ema_momentum"] = model.ema_momentum_at(step - 1, total_steps)
         history.append(record)
         metrics.write(record, progress, model, test_set, device)
         ckpt.save(epoch + 1, 0, step, history)

@@ -1,4 +1,10 @@
-"""Functional ops with one switch between the fused Triton kernels and their eager twins.
+"""The three fused ops, each as a dispatcher and its one eager twin, plus CutMix and permutations.
+
+Per op: ``<op>(..., fused=None)`` runs the Triton kernel (``kernels/<op>.py``) or the eager
+twin ``<op>_eager`` defined here. The twins are the reference the kernels are tested and
+benchmarked against, and what the library runs with ``--eager`` or on the CPU. This module
+does not import Triton (the kernels are imported on first fused use); the argument checks
+both paths share live in ``fastmix.checks``.
 
 ``fused=None`` (the default everywhere) means: fused when the tensor lives on a CUDA device
 and Triton is importable, eager otherwise. ``fused=True`` forces the kernels (on CPU they then
@@ -9,6 +15,9 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from fastmix.checks import (attention_scale, check_attention, check_cross_entropy, check_mix,
+                            check_mix_pair, check_upsample_mode)
 
 def _triton_available():
     try:
@@ -30,25 +39,16 @@ def use_fused(tensor: torch.Tensor, fused=None) -> bool:
     return bool(fused)
 
 
-def _check_lam(lam):
-    """A float λ must lie in [0, 1]; a tensor λ is not read (that would sync the device)."""
-    if isinstance(lam, torch.Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam must be a float or a 0-d tensor, got shape {tuple(lam.shape)}")
-    elif not 0.0 <= float(lam) <= 1.0:
-        raise ValueError(f"lam must lie in [0, 1], got {lam}")
-
-
 _NO_IGNORE = -(2 ** 62)
 
 
+# ---- mixed cross-entropy (kernels/mixed_ce.py) ------------------------------------------------
 def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0, fused=None):
     """``lam * CE(logits, target_a) + (1 - lam) * CE(logits, target_b)``, mean over the batch.
 
     ``lam`` may be a Python float or a 0-d tensor (never read on the host). ``target_b=None``
     gives plain cross-entropy. Label smoothing follows ``F.cross_entropy(label_smoothing=)``.
     """
-    _check_lam(lam)
     if use_fused(logits, fused):
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
@@ -56,14 +56,10 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
 
 
 def mixed_cross_entropy_eager(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0):
-    """The eager twin of the fused mixed cross-entropy (``kernels/mixed_ce.py`` is tested
-    against this very function): fp32 ``F.cross_entropy`` of each target, mixed with ``lam``.
-
-    Every label is a class: no ``ignore_index`` (F.cross_entropy would silently drop -100), so
-    an out-of-range label raises (CPU) or trips a device assert (CUDA), as in the kernel."""
-    _check_lam(lam)
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    """The eager twin of the fused mixed cross-entropy: fp32 ``F.cross_entropy`` of each
+    target, mixed with ``lam``. Same checks as the kernel (``fastmix.checks``): every label is
+    a class, no ``ignore_index`` (F.cross_entropy would silently drop -100)."""
+    check_cross_entropy(logits, target_a, target_b, lam, label_smoothing, eager=True)
     z = logits.float()
     loss_a = F.cross_entropy(z, target_a.long(), label_smoothing=label_smoothing,
                              ignore_index=_NO_IGNORE)
@@ -76,38 +72,117 @@ def mixed_cross_entropy_eager(logits, target_a, target_b=None, lam=1.0, label_sm
     return lam * loss_a + (1.0 - lam) * loss_b
 
 
+# ---- Mix Block attention (kernels/mixblock_attn.py) -------------------------------------------
+def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None,
+                       fused=None):
+    """``softmax((qk + q_bias) (qk[index] + k_bias)^T * scale) @ (v[index] + v_bias)`` per
+    sample, [N, L] fp32: the Mix Block's attention of each sample over its partner's
+    positions (``qk`` [N, L, D] is the shared query/key projection, ``v`` [N, L])."""
+    if use_fused(qk, fused):
+        from fastmix.kernels.mixblock_attn import mixblock_attention as fused_attention
+        return fused_attention(qk, v, index, q_bias, k_bias, v_bias, scale)
+    return mixblock_attention_eager(qk, v, index, q_bias, k_bias, v_bias, scale)
+
+
+def mixblock_attention_eager(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None):
+    """The eager twin of the fused attention: gathers ``qk[index]`` and materialises the
+    [N, L, L] probabilities; fp32."""
+    check_attention(qk, v, index, q_bias, k_bias, v_bias, scale, eager=True)
+    s = attention_scale(scale, qk.shape[2])
+    q = qk.float()
+    k = qk[index].float()
+    vv = v[index].float()
+    if q_bias is not None:
+        q = q + q_bias.float()
+    if k_bias is not None:
+        k = k + k_bias.float()
+    if v_bias is not None:
+        if isinstance(v_bias, torch.Tensor):
+            v_bias = v_bias.to(device=vv.device, dtype=torch.float32)
+        vv = vv + v_bias
+    attn = torch.bmm(q, k.transpose(1, 2)) * s          # [N, L, L]
+    attn = attn.softmax(dim=-1)                          # over the partner's positions
+    return torch.bmm(attn, vv.unsqueeze(-1)).squeeze(-1)
+
+
+# ---- mask upsampling + image mix (kernels/mask_mix.py) ----------------------------------------
+def mix_images(x, index, mask_logits=None, lam=None, mode="nearest", fused=None):
+    """Mix each image with its partner ``x[index]``: ``x * (1 - s) + x[index] * s`` with
+    ``s = sigmoid(upsample(mask_logits))`` ([N, 1, h, w] logits; s weights the partner), or
+    with a constant ``lam * x + (1 - lam) * x[index]`` (``lam``: the weight of x)."""
+    if use_fused(x, fused):
+        from fastmix.kernels.mask_mix import mix_images as fused_mix
+        return fused_mix(x, index, mask_logits, lam, mode)
+    return mix_images_eager(x, index, mask_logits, lam, mode)
+
+
+def mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_b=None,
+                    mode="nearest", fused=None):
+    """Both mixed batches of an AutoMix step: ``(mix_images(x, index_a, mask_logits_a),
+    mix_images(x, index_b, mask_logits_b or lam_b))``; the second gets no gradient. Fused,
+    one launch reads each image and its two partners once."""
+    if use_fused(x, fused):
+        from fastmix.kernels.mask_mix import mix_images_pair as fused_pair
+        return fused_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
+    return mix_images_pair_eager(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
+
+
 def mixup_images(x, index, lam, fused=None):
     """Input Mixup: ``lam * x + (1 - lam) * x[index]`` (``lam`` a float or 0-d tensor)."""
-    _check_lam(lam)
-    if use_fused(x, fused):
-        from fastmix.kernels.mask_mix import mix_images
-        return mix_images(x, index, lam=lam)
-    return x * lam + x[index] * (1.0 - lam)
+    return mix_images(x, index, lam=lam, fused=fused)
 
 
-def mask_mix_images(x, index, mask_logits, mode="nearest", fused=None):
-    """``x * (1 - s) + x[index] * s`` with ``s = sigmoid(upsample(mask_logits))``.
+def _mix_eager(x, index, mask_logits, lam, mode):
+    xf = x.float()
+    xi = xf[index]
+    if mask_logits is not None:
+        s = torch.sigmoid(upsample_mask(mask_logits.float(), x.shape[-2:], mode))
+        out = xf * (1.0 - s) + xi * s
+    else:
+        if isinstance(lam, torch.Tensor):
+            lam = lam.to(device=x.device, dtype=torch.float32)
+        out = lam * xf + (1.0 - lam) * xi
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return out.to(dtype=x.dtype, memory_format=fmt)
 
-    ``mask_logits`` is ``[N, 1, h, w]``; gradients flow to it, not to the images.
-    """
-    if use_fused(x, fused):
-        from fastmix.kernels.mask_mix import mix_images
-        return mix_images(x, index, mask_logits=mask_logits, mode=mode)
-    if not isinstance(mask_logits, torch.Tensor) or mask_logits.dim() != 4 or \
-            mask_logits.shape[0] != x.shape[0] or mask_logits.shape[1] != 1:
-        raise ValueError(f"mask_logits must be [N, 1, h, w] with N = {x.shape[0]}, got "
-                         f"{tuple(getattr(mask_logits, 'shape', ()))}")
-    s = torch.sigmoid(upsample_mask(mask_logits, x.shape[-2:], mode).float())
-    return (x * (1.0 - s) + x[index] * s).to(x.dtype)
+
+def is_channels_last(x):
+    """True when x [N, C, H, W] is laid out channels_last (ambiguous size-1 cases follow the
+    strides); the mixes return their output in x's layout."""
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if not x.is_contiguous():
+        return True
+    # Both formats describe the same memory (C == 1 or H * W == 1): keep x's own flavour.
+    n, c, height, width = x.shape
+    if c == 1:
+        return height * width > 1 and x.stride(1) == 1
+    return height * width == 1 and x.stride(3) == c
+
+
+def mix_images_eager(x, index, mask_logits=None, lam=None, mode="nearest"):
+    """The eager twin of the fused mix (same checks; upsampling by F.interpolate, fp32).
+
+    Unlike the fused op, it differentiates through x too."""
+    check_mix(x, index, mask_logits, lam, mode)
+    return _mix_eager(x, index, mask_logits, lam, mode)
+
+
+def mix_images_pair_eager(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_b=None,
+                          mode="nearest"):
+    """The eager twin of the fused pair: two eager mixes (mask_logits_b detached)."""
+    check_mix_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
+    out_a = _mix_eager(x, index_a, mask_logits_a, None, mode)
+    mb = mask_logits_b.detach() if mask_logits_b is not None else None
+    return out_a, _mix_eager(x, index_b, mb, lam_b, mode)
 
 
 def upsample_mask(mask_logits, size, mode="nearest"):
     """Upsample ``[N, 1, h, w]`` logits to ``size`` (nearest or bilinear, align_corners=False)."""
+    check_upsample_mode(mode)
     if mode == "nearest":
         return F.interpolate(mask_logits, size=tuple(size), mode="nearest")
-    if mode == "bilinear":
-        return F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
-    raise ValueError(f"upsampling mode must be 'nearest' or 'bilinear', got {mode!r}")
+    return F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def random_permutation(n, device, generator=None, no_fixed_points=False):

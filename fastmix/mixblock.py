@@ -14,10 +14,11 @@ Given the momentum encoder's stage-3 features ``z`` [N, C, h, w], a λ and a per
 The λ channels exist only with ``lam_concat=True`` (ImageNet and fine-grained configs).
 ``inter_channels = C // reduction`` is computed before the λ channel is added.
 
-Two paths compute the same function. ``forward`` is the faithful eager reference, one
-conv per call as in the official code. ``mask_logits_fused`` projects once per step
-(``project``) and runs the flash-style Triton attention, which reads the partner rows through
-``index`` and folds the λ channel into per-call biases.
+The 1x1 convs are applied once per step (``project``): the partner's key and value are rows
+of the same projection gathered through ``index``, and the λ channel is a per-call bias
+(``lam_biases``), which is the same function as the official conv of the concatenated input.
+The attention is ``fastmix.functional.mixblock_attention``: the flash-style Triton kernel or
+its eager twin, which materialises P.
 """
 import math
 
@@ -25,20 +26,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastmix.functional import _check_lam, upsample_mask
+from fastmix.checks import check_lam, describe, scalar_tensor
+from fastmix.functional import mixblock_attention, upsample_mask
 
 MASK_LOSS_MODES = ("L1", "L1+Variance")
-
-
-def _shape(t):
-    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def _as_lam(lam, ref):
-    """λ as a 0-d fp32 tensor on ``ref``'s device (a Python float becomes a fill, no sync)."""
-    if isinstance(lam, torch.Tensor):
-        return lam.to(device=ref.device, dtype=torch.float32)
-    return torch.full((), float(lam), dtype=torch.float32, device=ref.device)
 
 
 class MixBlock(nn.Module):
@@ -75,39 +66,45 @@ class MixBlock(nn.Module):
 
     def _check_features(self, z):
         if not isinstance(z, torch.Tensor) or z.dim() != 4:
-            raise ValueError(f"MixBlock expects features [N, C, h, w], got {_shape(z)}")
+            raise ValueError(f"MixBlock expects features [N, C, h, w], got {describe(z)}")
         if z.shape[1] != self.in_channels:
             raise ValueError(f"MixBlock built for {self.in_channels} channels, got {z.shape[1]}")
         if not z.is_floating_point():
             raise TypeError(f"MixBlock features must be floating point, got {z.dtype}")
 
-    @staticmethod
-    def _check_index(index, n, device):
-        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.shape[0] != n:
-            raise ValueError(f"index must be a 1-d tensor of length N={n}, got {_shape(index)}")
-        if index.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"index must be an integer tensor, got {index.dtype}")
-        if index.device != device:
-            raise ValueError(f"index is on {index.device} but the features are on {device}")
+    def project(self, z):
+        """The shared projections ``qk`` [N, hw, d] and ``v`` [N, hw] of features ``z``.
 
-    # ---- the faithful eager reference -------------------------------------------------
-    def mask_logits(self, z, lam, index):
-        """Low-resolution mask logits ``P v`` for the partner, [N, 1, h, w], fp32."""
+        Both Mix Block calls of a step (MB and BB branch) reuse them. The λ channel is not
+        part of the projection: [z; λ] through a 1x1 conv is W_z z + b + λ w_λ, so the λ
+        column becomes a per-call bias (``lam_biases``).
+        """
         self._check_features(z)
-        self._check_index(index, z.shape[0], z.device)
-        _check_lam(lam)
-        n, _, h, w = z.shape
-        z_i, z_j = z, z[index]
-        if self.lam_concat:
-            lam_t = _as_lam(lam, z).to(z.dtype)
-            z_i = torch.cat([z_i, lam_t.expand(n, 1, h, w)], dim=1)
-            z_j = torch.cat([z_j, (1 - lam_t).expand(n, 1, h, w)], dim=1)
-        v = self.value(z_j).flatten(2).transpose(1, 2)          # [N, hw, 1]
-        q = self.query(z_i).flatten(2).transpose(1, 2)          # [N, hw, d]
-        k = self.query(z_j).flatten(2)                          # [N, d, hw]
-        attn = torch.bmm(q.float(), k.float()) * self.scale     # [N, hw_i, hw_j], fp32
-        attn = attn.softmax(dim=-1)                             # over the partner's positions
-        return torch.bmm(attn, v.float()).transpose(1, 2).reshape(n, 1, h, w)
+        c = self.in_channels
+        feats = z.permute(0, 2, 3, 1).reshape(z.shape[0], -1, c)  # free for channels_last
+        qk = F.linear(feats, self.query.weight[:, :c, 0, 0], self.query.bias)
+        v = F.linear(feats, self.value.weight[:, :c, 0, 0], self.value.bias).squeeze(-1)
+        return qk, v
+
+    def lam_biases(self, lam, ref):
+        """``(q_bias, k_bias, v_bias)`` of the λ channel (all None without ``lam_concat``):
+        the query sees λ, the partner's key and value see 1 - λ."""
+        check_lam(lam, ref.device, "the features")
+        if not self.lam_concat:
+            return None, None, None
+        lam_t = scalar_tensor(lam, ref.device)
+        w_lam = self.query.weight[:, -1, 0, 0].float()
+        return lam_t * w_lam, (1 - lam_t) * w_lam, (1 - lam_t) * self.value.weight[0, -1, 0, 0].float()
+
+    def mask_logits(self, z, lam, index, projected=None, fused=False):
+        """Low-resolution mask logits ``P v`` for the partner ``z[index]``, [N, 1, h, w] fp32.
+
+        ``projected``: ``project(z)``'s output, to share it between the calls of a step;
+        ``fused`` picks the Triton attention or its eager twin (``fastmix.functional``)."""
+        qk, v = self.project(z) if projected is None else projected
+        biases = self.lam_biases(lam, qk)
+        out = mixblock_attention(qk, v, index, *biases, scale=self.scale, fused=fused)
+        return out.view(qk.shape[0], 1, z.shape[2], z.shape[3])
 
     def forward(self, z, lam, index, size, mode=None):
         """The full mask ``[N, 2, H, W]`` at image ``size``: channel 1 weights ``x[index]``."""
@@ -117,36 +114,6 @@ class MixBlock(nn.Module):
         """``[1 - m, m]`` with ``m = sigmoid(upsample(logits))`` at image ``size``."""
         m = torch.sigmoid(upsample_mask(logits, size, mode or self.upsample).float())
         return torch.cat([1 - m, m], dim=1)
-
-    # ---- the fused path ---------------------------------------------------------------
-    def project(self, z):
-        """The shared projections of a step, once: ``qk`` [N, hw, d] and ``v`` [N, hw].
-
-        Both Mix Block calls of a step (MB and BB branch) reuse them; the λ channel is not
-        part of the projection (see ``mask_logits_fused``).
-        """
-        self._check_features(z)
-        c = self.in_channels
-        feats = z.permute(0, 2, 3, 1).reshape(z.shape[0], -1, c)  # free for channels_last
-        qk = F.linear(feats, self.query.weight[:, :c, 0, 0], self.query.bias)
-        v = F.linear(feats, self.value.weight[:, :c, 0, 0], self.value.bias).squeeze(-1)
-        return qk, v
-
-    def mask_logits_fused(self, projected, lam, index, hw):
-        """Same as ``mask_logits`` from ``project``'s output, via the Triton attention."""
-        from fastmix.kernels.mixblock_attn import mixblock_attention
-        qk, v = projected
-        self._check_index(index, qk.shape[0], qk.device)
-        _check_lam(lam)
-        q_bias = k_bias = v_bias = None
-        if self.lam_concat:
-            # [z; λ] through a 1x1 conv = W_z z + b + λ w_λ: the λ column becomes a bias.
-            lam_t = _as_lam(lam, qk)
-            w_lam = self.query.weight[:, -1, 0, 0].float()
-            q_bias, k_bias = lam_t * w_lam, (1 - lam_t) * w_lam
-            v_bias = (1 - lam_t) * self.value.weight[0, -1, 0, 0].float()
-        out = mixblock_attention(qk, v, index, q_bias, k_bias, v_bias, scale=self.scale)
-        return out.view(qk.shape[0], 1, hw[0], hw[1])
 
     # ---- the mask loss ----------------------------------------------------------------
     def mask_loss(self, m, lam):

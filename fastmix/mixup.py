@@ -6,7 +6,7 @@ CutMix's λ is corrected to the pasted box's area, so the label weights match th
 import torch
 
 from fastmix.backbones import ClsHead
-from fastmix.classifier import MixMethod
+from fastmix.method import MixMethod
 from fastmix.functional import (cutmix_box, cutmix_images, mixed_cross_entropy, mixup_images,
                                 use_fused)
 

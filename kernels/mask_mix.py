@@ -34,33 +34,30 @@ for nearest). Every low-res cell is written by exactly one program: deterministi
 atomics, no [N, C, H, W] (or [N, H, W]) intermediate. Nearest reads each hi-res pixel once;
 bilinear re-reads the hi-res rows / columns on block edges.
 
-No host synchronisation: ``lam`` reaches the kernel as a pointer to a 0-d fp32 tensor and
-indices are never read on the host. An index outside [0, N) does not fault: that sample's
-output (and its logit gradient) is NaN.
+No host synchronisation: ``lam`` reaches the kernel as a pointer to a 0-d fp32 tensor; an
+index outside [0, N) raises IndexError on the CPU and trips a device-side assert on CUDA
+(``fastmix.checks.check_index``), as the eager twin's gather does.
 
 Public API:
     mix_images(x, index, mask_logits=None, lam=None, mode="nearest")
     mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_b=None,
                     mode="nearest")
-    mix_images_eager(...), mix_images_pair_eager(...)   # the PyTorch twins (same signatures)
+    fastmix.functional.mix_images_eager(...), mix_images_pair_eager(...)   # the eager twins
 """
 import functools
-import numbers
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from fastmix.checks import check_mix, check_mix_pair, scalar_tensor
+from fastmix.functional import is_channels_last
 from fastmix.kernels import _common
 
-__all__ = ["mix_images", "mix_images_pair", "mix_images_eager", "mix_images_pair_eager"]
+__all__ = ["mix_images", "mix_images_pair"]
 
-_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_MASK_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_MODES = ("nearest", "bilinear")
 
 # Under TRITON_INTERPRET the launchers use big tiles (few programs: the interpreter is slow per
 # program). Tests set this to True to run the GPU tiling heuristics in the interpreter.
@@ -134,6 +131,33 @@ def _sigmoid(z):
     return 1.0 / (1.0 + tl.exp(-z))
 
 
+@triton.jit
+def _partner_index(i_ptr, n, N):
+    """index[n] and 0, or (index outside [0, N): the launcher refuses one, this is defence in
+    depth) n and NaN, which poisons what the sample computes."""
+    i = tl.load(i_ptr + n).to(tl.int64)
+    ok = (i >= 0) & (i < N)
+    return tl.where(ok, i, n.to(tl.int64)), tl.where(ok, 0.0, float("nan"))
+
+
+@triton.jit
+def _partner(i_ptr, p_ptr, p_sn, p_sh, p_sw, n, N, Y, X, mask, hh, ww, sc_h, sc_w,
+             MASK: tl.constexpr, BILINEAR: tl.constexpr):
+    """Sample n's partner and weights: ``(i, bad, keep, share)`` with the mixed value
+    ``x[n] * keep + x[i] * share + bad``. keep, share = 1 - s, s (s the upsampled sigmoid
+    mask) or lam, 1 - lam (lam read from the 0-d p_ptr)."""
+    n64 = n.to(tl.int64)
+    i, bad = _partner_index(i_ptr, n, N)
+    if MASK:
+        share = _sigmoid(_upsampled_logit(p_ptr + n64 * p_sn, Y[:, None], X[None, :], mask,
+                                          hh, ww, sc_h, sc_w, p_sh, p_sw, BILINEAR))
+        keep = 1.0 - share
+    else:
+        keep = tl.load(p_ptr).to(tl.float32)
+        share = 1.0 - keep
+    return i, bad, keep, share
+
+
 # --------------------------------------------------------------------------------------------
 # Forward kernel
 # --------------------------------------------------------------------------------------------
@@ -168,34 +192,15 @@ def _mix_fwd_kernel(
     sample = C * plane
     n64 = n.to(tl.int64)
 
-    # Partner a. An index outside [0, N) reads sample n and poisons the output with NaN.
-    ia = tl.load(ia_ptr + n).to(tl.int64)
-    ok_a = (ia >= 0) & (ia < N)
-    ia = tl.where(ok_a, ia, n64)
-    bad_a = tl.where(ok_a, 0.0, float("nan"))
-    if MASK_A:
-        sa = _sigmoid(_upsampled_logit(pa_ptr + n64 * pa_sn, Y[:, None], X[None, :], mask,
-                                       ha, wa, sc_ha, sc_wa, pa_sh, pa_sw, BILINEAR))
-        ka = 1.0 - sa
-    else:
-        ka = tl.load(pa_ptr).to(tl.float32)
-        sa = 1.0 - ka
+    ia, bad_a, ka, sa = _partner(ia_ptr, pa_ptr, pa_sn, pa_sh, pa_sw, n, N, Y, X, mask,
+                                 ha, wa, sc_ha, sc_wa, MASK_A, BILINEAR)
     x_n = x_ptr + n64 * sample
     x_a = x_ptr + ia * sample
     o_a = out_a_ptr + n64 * sample
 
     if HAS_B:
-        ib = tl.load(ib_ptr + n).to(tl.int64)
-        ok_b = (ib >= 0) & (ib < N)
-        ib = tl.where(ok_b, ib, n64)
-        bad_b = tl.where(ok_b, 0.0, float("nan"))
-        if MASK_B:
-            sb = _sigmoid(_upsampled_logit(pb_ptr + n64 * pb_sn, Y[:, None], X[None, :], mask,
-                                           hb, wb, sc_hb, sc_wb, pb_sh, pb_sw, BILINEAR))
-            kb = 1.0 - sb
-        else:
-            kb = tl.load(pb_ptr).to(tl.float32)
-            sb = 1.0 - kb
+        ib, bad_b, kb, sb = _partner(ib_ptr, pb_ptr, pb_sn, pb_sh, pb_sw, n, N, Y, X, mask,
+                                     hb, wb, sc_hb, sc_wb, MASK_B, BILINEAR)
         x_b = x_ptr + ib * sample
         o_b = out_b_ptr + n64 * sample
 
@@ -216,6 +221,46 @@ def _mix_fwd_kernel(
 # Backward kernel
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _tap_weights(d, keep, cells, scale, size_in, BILINEAR: tl.constexpr):
+    """[len(cells), len(d)] weights of low-res ``cells`` in the upsampled values at
+    destination indices ``d`` (0 where not ``keep``): the transpose of the upsampling."""
+    if BILINEAR:
+        c0, c1, w0, w1 = _taps(d, scale, size_in)
+        wt = (tl.where(cells[:, None] == c0[None, :], w0[None, :], 0.0)
+              + tl.where(cells[:, None] == c1[None, :], w1[None, :], 0.0))
+    else:
+        c = _lower_tap(d, scale, size_in, False)
+        wt = tl.where(cells[:, None] == c[None, :], 1.0, 0.0)
+    return tl.where(keep[None, :], wt, 0.0)
+
+
+@triton.jit
+def _block_window(i0, j0, h, w, H, W, sc_h, sc_w, BI: tl.constexpr, BJ: tl.constexpr,
+                  BILINEAR: tl.constexpr):
+    """The hi-res window [ys, ye) x [xs, xe) of the low-res block at (i0, j0): nearest, the
+    pixels whose source is in the block; bilinear, those whose lower tap is in
+    [block start - 1, block end)."""
+    lo = 1 if BILINEAR else 0
+    ys = _first_dst(i0 - lo, h, H, sc_h, BILINEAR)
+    xs = _first_dst(j0 - lo, w, W, sc_w, BILINEAR)
+    ye = _first_dst(i0 + BI, h, H, sc_h, BILINEAR)
+    xe = _first_dst(j0 + BJ, w, W, sc_w, BILINEAR)
+    return ys, ye, xs, xe
+
+
+@triton.jit
+def _gate_grad(p_g, p_x, p_i, sg_c, sx_c, tile, C: tl.constexpr):
+    """sum over channels of grad_out * (x[index] - x): d out / d s on an [RY, BX] tile."""
+    gs = tl.zeros(tile.shape, dtype=tl.float32)
+    for c in tl.static_range(C):
+        g = tl.load(p_g + c * sg_c, mask=tile, other=0.0).to(tl.float32)
+        a = tl.load(p_x + c * sx_c, mask=tile, other=0.0).to(tl.float32)
+        b = tl.load(p_i + c * sx_c, mask=tile, other=0.0).to(tl.float32)
+        gs += g * (b - a)
+    return gs
+
+
+@triton.jit
 def _mix_bwd_kernel(
     x_ptr, go_ptr, idx_ptr, m_ptr, gm_ptr,
     sx_n, sx_c, sx_h, sx_w, sg_n, sg_c, sg_h, sg_w, m_sn, m_sh, m_sw,
@@ -231,27 +276,13 @@ def _mix_bwd_kernel(
     n = pid // per_n
     r = pid - n * per_n
     ib = r // n_jb
-    jb = r - ib * n_jb
     i0 = ib * BI
-    j0 = jb * BJ
+    j0 = (r - ib * n_jb) * BJ
     iv = i0 + tl.arange(0, BI)
     jv = j0 + tl.arange(0, BJ)
-    # The hi-res window of the block: nearest, the pixels whose source is in the block;
-    # bilinear, those whose lower tap is in [block start - 1, block end).
-    if BILINEAR:
-        ys = _first_dst(i0 - 1, h, H, sc_h, True)
-        xs = _first_dst(j0 - 1, w, W, sc_w, True)
-    else:
-        ys = _first_dst(i0, h, H, sc_h, False)
-        xs = _first_dst(j0, w, W, sc_w, False)
-    ye = _first_dst(i0 + BI, h, H, sc_h, BILINEAR)
-    xe = _first_dst(j0 + BJ, w, W, sc_w, BILINEAR)
-
+    ys, ye, xs, xe = _block_window(i0, j0, h, w, H, W, sc_h, sc_w, BI, BJ, BILINEAR)
     n64 = n.to(tl.int64)
-    idx = tl.load(idx_ptr + n).to(tl.int64)
-    ok = (idx >= 0) & (idx < N)
-    idx = tl.where(ok, idx, n64)
-    bad = tl.where(ok, 0.0, float("nan"))
+    idx, bad = _partner_index(idx_ptr, n, N)
     x_n = x_ptr + n64 * sx_n
     x_i = x_ptr + idx * sx_n
     g_n = go_ptr + n64 * sg_n
@@ -264,49 +295,17 @@ def _mix_bwd_kernel(
         X = x0 + tl.arange(0, BX)
         xin = X < W
         xm = (X >= xs) & (X < xe)
-        # Column weights wx[j, X] of this chunk: the same for every row.
-        if BILINEAR:
-            cx0, cx1, wx0, wx1 = _taps(X, sc_w, w)
-            wx = (tl.where(cx0[None, :] == jv[:, None], wx0[None, :], 0.0)
-                  + tl.where(cx1[None, :] == jv[:, None], wx1[None, :], 0.0))
-        else:
-            cx = _lower_tap(X, sc_w, w, False)
-            wx = tl.where(cx[None, :] == jv[:, None], 1.0, 0.0)
-        wx = tl.where(xm[None, :], wx, 0.0)                         # [BJ, BX]
-        ox_x = X * sx_w
-        ox_g = X * sg_w
+        wx = _tap_weights(X, xm, jv, sc_w, w, BILINEAR)             # [BJ, BX], every row
         for y0 in range(ys, ye, RY):
             Y = y0 + tl.arange(0, RY)
             ym = Y < ye
             tile = ym[:, None] & xin[None, :]
-            if BILINEAR:
-                cy0, cy1, wy0, wy1 = _taps(Y, sc_h, h)
-                wy = (tl.where(iv[:, None] == cy0[None, :], wy0[None, :], 0.0)
-                      + tl.where(iv[:, None] == cy1[None, :], wy1[None, :], 0.0))
-                r0 = m_n + cy0[:, None] * m_sh
-                r1 = m_n + cy1[:, None] * m_sh
-                v00 = tl.load(r0 + cx0[None, :] * m_sw, mask=tile, other=0.0).to(tl.float32)
-                v01 = tl.load(r0 + cx1[None, :] * m_sw, mask=tile, other=0.0).to(tl.float32)
-                v10 = tl.load(r1 + cx0[None, :] * m_sw, mask=tile, other=0.0).to(tl.float32)
-                v11 = tl.load(r1 + cx1[None, :] * m_sw, mask=tile, other=0.0).to(tl.float32)
-                z = (wy0[:, None] * (wx0[None, :] * v00 + wx1[None, :] * v01)
-                     + wy1[:, None] * (wx0[None, :] * v10 + wx1[None, :] * v11))
-            else:
-                cy = _lower_tap(Y, sc_h, h, False)
-                wy = tl.where(iv[:, None] == cy[None, :], 1.0, 0.0)
-                z = tl.load(m_n + cy[:, None] * m_sh + cx[None, :] * m_sw, mask=tile,
-                            other=0.0).to(tl.float32)
-            wy = tl.where(ym[None, :], wy, 0.0)                     # [BI, RY]
-            s = _sigmoid(z)
-            p_x = x_n + (Y * sx_h)[:, None] + ox_x[None, :]
-            p_i = x_i + (Y * sx_h)[:, None] + ox_x[None, :]
-            p_g = g_n + (Y * sg_h)[:, None] + ox_g[None, :]
-            gs = tl.zeros([RY, BX], dtype=tl.float32)
-            for c in tl.static_range(C):
-                g = tl.load(p_g + c * sg_c, mask=tile, other=0.0).to(tl.float32)
-                a = tl.load(p_x + c * sx_c, mask=tile, other=0.0).to(tl.float32)
-                b = tl.load(p_i + c * sx_c, mask=tile, other=0.0).to(tl.float32)
-                gs += g * (b - a)
+            wy = _tap_weights(Y, ym, iv, sc_h, h, BILINEAR)         # [BI, RY]
+            s = _sigmoid(_upsampled_logit(m_n, Y[:, None], X[None, :], tile, h, w, sc_h, sc_w,
+                                          m_sh, m_sw, BILINEAR))
+            gs = _gate_grad(g_n + (Y * sg_h)[:, None] + (X * sg_w)[None, :],
+                            x_n + (Y * sx_h)[:, None] + (X * sx_w)[None, :],
+                            x_i + (Y * sx_h)[:, None] + (X * sx_w)[None, :], sg_c, sx_c, tile, C)
             gp = tl.where(xm[None, :], gs * s * (1.0 - s), 0.0)       # [RY, BX]
             t = tl.sum(gp[:, None, :] * wx[None, :, :], axis=2)      # [RY, BJ]
             acc += tl.sum(wy[:, :, None] * t[None, :, :], axis=1)    # [BI, BJ]
@@ -399,26 +398,13 @@ def _bwd_config(height, width, h, w, bilinear):
     return bi, bj, ry, bx, num_warps
 
 
-def _channels_last(x):
-    """True when x is laid out channels_last (ambiguous size-1 cases follow the strides)."""
-    if not x.is_contiguous(memory_format=torch.channels_last):
-        return False
-    if not x.is_contiguous():
-        return True
-    # Both formats describe the same memory (C == 1 or H * W == 1): keep x's own flavour.
-    n, c, height, width = x.shape
-    if c == 1:
-        return height * width > 1 and x.stride(1) == 1
-    return height * width == 1 and x.stride(3) == c
-
-
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
 def _launch_forward(x, index_a, logits_a, lam_a, index_b, logits_b, lam_b, bilinear):
     """Launch the forward kernel; returns out_a or (out_a, out_b)."""
     n, c, height, width = x.shape
-    cl = _channels_last(x)
+    cl = is_channels_last(x)
     if not cl and not x.is_contiguous():
         x = x.contiguous()
     fmt = torch.channels_last if cl else torch.contiguous_format
@@ -432,7 +418,7 @@ def _launch_forward(x, index_a, logits_a, lam_a, index_b, logits_b, lam_b, bilin
             h, w = logits.shape[-2:]
             return (logits, (logits.stride(0), logits.stride(2), logits.stride(3)),
                     (h, w, _scale(h, height), _scale(w, width)), True)
-        return _common.scalar_tensor(lam, x.device), (0, 0, 0), (1, 1, 1.0, 1.0), False
+        return scalar_tensor(lam, x.device), (0, 0, 0), (1, 1, 1.0, 1.0), False
 
     pa, sa, geo_a, mask_a = _mask_args(logits_a, lam_a)
     if has_b:
@@ -492,99 +478,6 @@ class _MixImages(torch.autograd.Function):
         return None, None, grad, None, None, None, None
 
 
-# --------------------------------------------------------------------------------------------
-# Argument checks (host metadata only: never reads tensor values)
-# --------------------------------------------------------------------------------------------
-def _check_x(x):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"x must be a 4-D image batch [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype not in _X_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
-    per_image = x.numel() // x.shape[0]
-    if per_image >= 2 ** 31:
-        raise ValueError(f"one image of x has {per_image} elements; at most 2**31 - 1")
-
-
-def _check_index(name, index, x):
-    _common.check_index(name, index, x.shape[0], x.device, "x")
-
-
-def _check_mask(name, m, x):
-    if not isinstance(m, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
-    if m.dim() != 4:
-        raise ValueError(f"{name} must be 4-D [N, 1, h, w], got shape {tuple(m.shape)}")
-    if m.dtype not in _MASK_DTYPES:
-        raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
-    if m.shape[0] != x.shape[0]:
-        raise ValueError(f"{name} has {m.shape[0]} samples but x has {x.shape[0]}")
-    if m.shape[1] != 1:
-        raise ValueError(f"{name} must have one channel [N, 1, h, w], got {m.shape[1]}")
-    h, w = m.shape[2:]
-    height, width = x.shape[2:]
-    if h == 0 or w == 0:
-        raise ValueError(f"{name} must be non-empty, got shape {tuple(m.shape)}")
-    if h > height or w > width:
-        raise ValueError(f"{name} ({h}x{w}) must not be larger than the images "
-                         f"({height}x{width}): the mask is upsampled, never downsampled")
-    if m.device != x.device:
-        raise ValueError(f"{name} is on {m.device} but x is on {x.device}")
-
-
-def _check_lam(name, lam, x):
-    if isinstance(lam, torch.Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"{name} must be a Python float or a 0-d tensor, "
-                             f"got a tensor of shape {tuple(lam.shape)}")
-        if not (lam.is_floating_point() or lam.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"{name} tensor must be floating point, got {lam.dtype}")
-        if lam.requires_grad:
-            raise ValueError(f"{name} must not require grad: the mix treats it as a constant "
-                             f"(pass {name}.detach())")
-        if lam.device != x.device and lam.device.type != "cpu":
-            raise ValueError(f"{name} is on {lam.device} but x is on {x.device}")
-    elif isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"{name} must be a Python float or a 0-d tensor, "
-                        f"got {type(lam).__name__}")
-
-
-def _check_source(mask_name, m, lam_name, lam, x):
-    if (m is None) == (lam is None):
-        raise ValueError(f"pass exactly one of {mask_name} (a mask) or {lam_name} "
-                         f"(a constant mix), got {'both' if m is not None else 'neither'}")
-    if m is not None:
-        _check_mask(mask_name, m, x)
-    else:
-        _check_lam(lam_name, lam, x)
-
-
-def _check_mode(mode):
-    if mode not in _MODES:
-        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
-
-
-def _check_single(x, index, mask_logits, lam, mode):
-    _check_x(x)
-    _check_index("index", index, x)
-    _check_source("mask_logits", mask_logits, "lam", lam, x)
-    _check_mode(mode)
-
-
-def _check_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode):
-    _check_x(x)
-    _check_index("index_a", index_a, x)
-    if mask_logits_a is None:
-        raise ValueError("mix_images_pair needs mask_logits_a (the first mix is always masked)")
-    _check_mask("mask_logits_a", mask_logits_a, x)
-    _check_index("index_b", index_b, x)
-    _check_source("mask_logits_b", mask_logits_b, "lam_b", lam_b, x)
-    _check_mode(mode)
-
-
 def _check_fused(x):
     if x.device.type != "cuda" and not _common.interpreting():
         raise ValueError(f"the fused mask mix runs Triton kernels: x must be on a CUDA device "
@@ -605,8 +498,8 @@ def mix_images(x, index, mask_logits=None, lam=None, mode="nearest"):
             (other strides are copied first). The output has x's dtype and memory format.
             x gets no gradient: if it requires grad (in grad mode), NotImplementedError.
         index: [N] int64 (or int32) partner of each sample, on x's device (any mapping, not
-            necessarily a permutation; values are not checked on the host: one outside
-            [0, N) makes that sample's output NaN).
+            necessarily a permutation; a value outside [0, N) raises on the CPU and trips
+            a device-side assert on CUDA, with no host sync).
         mask_logits: [N, 1, h, w] float logits with h <= H, w <= W. The mixed image is
             ``x * (1 - s) + x[index] * s`` with ``s = sigmoid(F.interpolate(mask_logits,
             (H, W), mode))`` in fp32: s is the weight of the shuffled sample. Differentiable.
@@ -614,7 +507,7 @@ def mix_images(x, index, mask_logits=None, lam=None, mode="nearest"):
             weight of x). Python float or 0-d tensor, never read on the host; no gradient.
         mode: "nearest" or "bilinear" (align_corners=False), as ``F.interpolate``.
     """
-    _check_single(x, index, mask_logits, lam, mode)
+    check_mix(x, index, mask_logits, lam, mode)
     _check_fused(x)
     bilinear = mode == "bilinear"
     if mask_logits is not None and mask_logits.requires_grad and torch.is_grad_enabled():
@@ -631,7 +524,7 @@ def mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_
     one of ``mask_logits_b`` / ``lam_b``; out_b has no gradient (mask_logits_b is treated as
     detached). Each program reads x[n], x[index_a[n]] and x[index_b[n]] once.
     """
-    _check_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
+    check_mix_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
     _check_fused(x)
     bilinear = mode == "bilinear"
     if mask_logits_b is not None:
@@ -641,48 +534,3 @@ def mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_
                                 bilinear)
     return _launch_forward(x, index_a, mask_logits_a, None, index_b, mask_logits_b, lam_b,
                            bilinear)
-
-
-# --------------------------------------------------------------------------------------------
-# Eager twins
-# --------------------------------------------------------------------------------------------
-def _format_of(x):
-    return torch.channels_last if _channels_last(x) else torch.contiguous_format
-
-
-def _mix_eager(x, index, mask_logits, lam, mode):
-    xf = x.float()
-    xi = xf[index]
-    if mask_logits is not None:
-        size = tuple(x.shape[-2:])
-        m = mask_logits.float()
-        if mode == "nearest":
-            up = F.interpolate(m, size=size, mode="nearest")
-        else:
-            up = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-        s = torch.sigmoid(up)
-        out = xf * (1.0 - s) + xi * s
-    else:
-        if isinstance(lam, torch.Tensor):
-            lam = lam.to(device=x.device, dtype=torch.float32)
-        out = lam * xf + (1.0 - lam) * xi
-    return out.to(dtype=x.dtype, memory_format=_format_of(x))
-
-
-def mix_images_eager(x, index, mask_logits=None, lam=None, mode="nearest"):
-    """The PyTorch twin of ``mix_images`` (same checks and semantics; F.interpolate in fp32).
-
-    Unlike the fused op, it differentiates through x too, and an out-of-range index raises.
-    """
-    _check_single(x, index, mask_logits, lam, mode)
-    return _mix_eager(x, index, mask_logits, lam, mode)
-
-
-def mix_images_pair_eager(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_b=None,
-                          mode="nearest"):
-    """The PyTorch twin of ``mix_images_pair``: two eager mixes (mask_logits_b detached)."""
-    _check_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
-    out_a = _mix_eager(x, index_a, mask_logits_a, None, mode)
-    mb = mask_logits_b.detach() if mask_logits_b is not None else None
-    out_b = _mix_eager(x, index_b, mb, lam_b, mode)
-    return out_a, out_b

@@ -40,21 +40,20 @@ under the Triton interpreter).
 
 Public API:
     mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None)
-    mixblock_attention_eager(...)   # the PyTorch twin (same signature), the reference
+    fastmix.functional.mixblock_attention_eager(...)   # the eager twin (same signature)
 """
-import math
-import numbers
 
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from fastmix.checks import attention_scale, check_attention, scalar_tensor
+from fastmix.functional import mixblock_attention_eager
 from fastmix.kernels import _common
 
-__all__ = ["mixblock_attention", "mixblock_attention_eager"]
+__all__ = ["mixblock_attention"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Launch configuration (module globals so tests can force the multi-tile paths).
 MAX_ROW_BLOCK = 256          # GPU, fp16 / bf16: widest key row (forward, dq) / query column
@@ -119,21 +118,32 @@ def _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
 
 
 @triton.jit
+def _sample_and_partner(qk_ptr, idx_ptr, L, D):
+    """This program's sample n (grid axis 1), its partner p = index[n], and their qk rows."""
+    n = tl.program_id(1).to(tl.int64)
+    p = tl.load(idx_ptr + n).to(tl.int64)              # the partner sample
+    return n, p, qk_ptr + n * L * D, qk_ptr + p * L * D
+
+
+@triton.jit
+def _v_bias(vb_ptr, HAS_VB: tl.constexpr):
+    vb = 0.0
+    if HAS_VB:
+        vb = tl.load(vb_ptr).to(tl.float32)
+    return vb
+
+
+@triton.jit
 def _fwd_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr,
                 L, D, qk_scale,
                 HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
                 LOWP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.load(idx_ptr + n).to(tl.int64)               # the partner sample
-    q_base = qk_ptr + n * L * D
-    k_base = qk_ptr + p * L * D
+    n, p, q_base, k_base = _sample_and_partner(qk_ptr, idx_ptr, L, D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
-    vb = 0.0
-    if HAS_VB:
-        vb = tl.load(vb_ptr).to(tl.float32)
+    vb = _v_bias(vb_ptr, HAS_VB)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)   # running max (base 2)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)                 # running sum of exp2
@@ -158,48 +168,74 @@ def _fwd_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr
 
 
 @triton.jit
+def _row_terms(lse_ptr, do_ptr, out_ptr, row0, offs_m, m_ok):
+    """Per query row of the backward: lse in base 2, dout, and delta = dout * out."""
+    lse2 = tl.load(lse_ptr + row0 + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
+    do = tl.load(do_ptr + row0 + offs_m, mask=m_ok, other=0.0)
+    delta = do * tl.load(out_ptr + row0 + offs_m, mask=m_ok, other=0.0)
+    return lse2, do, delta
+
+
+@triton.jit
+def _probs(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D, qk_scale, lse2,
+           HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, LOWP: tl.constexpr,
+           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The softmax probabilities of a [BLOCK_M, BLOCK_N] tile, recomputed from the saved lse
+    (0 outside the valid rows and columns)."""
+    s = _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
+                HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
+    pr = tl.exp2(s * qk_scale - lse2[:, None])
+    return tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
+
+
+@triton.jit
+def _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP: tl.constexpr):
+    """d loss / d scores = P * (dout vv^T - delta) * scale, in qk's dtype when LOWP."""
+    ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
+    if LOWP:
+        ds = ds.to(qk_ptr.dtype.element_ty)
+    return ds
+
+
+@triton.jit
+def _accumulate(dst_base, offs_r, r_ok, a, src_base, src_bias, offs_s, s_ok, D, add,
+                HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dst[offs_r, :] = a @ src[offs_s, :] (+ dst[offs_r, :] when ``add``), in D chunks.
+
+    The calling program alone owns these dst rows: the first tile stores, later ones add to
+    what it stored, after a barrier so every thread sees the CTA's writes."""
+    tl.debug_barrier()
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        src = _load_rows(src_base, src_bias, offs_s, s_ok, offs_d, d_ok, D, HAS_BIAS, LOWP)
+        ptrs = dst_base + offs_r[:, None] * D + offs_d[None, :]
+        mask = r_ok[:, None] & d_ok[None, :]
+        prev = tl.load(ptrs, mask=mask & add, other=0.0)
+        tl.store(ptrs, _dot(a, src, prev, LOWP), mask=mask)
+
+
+@triton.jit
 def _bwd_dq_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_ptr, lse_ptr,
                    dq_ptr, L, D, qk_scale, scale,
                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
                    LOWP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_m = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.load(idx_ptr + n).to(tl.int64)
-    q_base = qk_ptr + n * L * D
-    k_base = qk_ptr + p * L * D
-    dq_base = dq_ptr + n * L * D
+    n, p, q_base, k_base = _sample_and_partner(qk_ptr, idx_ptr, L, D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
-    vb = 0.0
-    if HAS_VB:
-        vb = tl.load(vb_ptr).to(tl.float32)
-    lse2 = tl.load(lse_ptr + n * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-    do = tl.load(do_ptr + n * L + offs_m, mask=m_ok, other=0.0)
-    delta = do * tl.load(out_ptr + n * L + offs_m, mask=m_ok, other=0.0)
-
+    vb = _v_bias(vb_ptr, HAS_VB)
+    lse2, do, delta = _row_terms(lse_ptr, do_ptr, out_ptr, n * L, offs_m, m_ok)
     for n0 in range(0, L, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < L
-        s = _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
-                    HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
-        pr = tl.exp2(s * qk_scale - lse2[:, None])
-        pr = tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
+        pr = _probs(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D, qk_scale,
+                    lse2, HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
         vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) + vb
-        ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
-        if LOWP:
-            ds = ds.to(qk_ptr.dtype.element_ty)
-        # This program alone owns dq[n, offs_m, :]: the first key tile stores, later ones
-        # add to what it stored (after a barrier, so every thread sees the CTA's writes).
-        tl.debug_barrier()
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            k = _load_rows(k_base, kb_ptr, offs_n, n_ok, offs_d, d_ok, D, HAS_KB, LOWP)
-            ptrs = dq_base + offs_m[:, None] * D + offs_d[None, :]
-            mask = m_ok[:, None] & d_ok[None, :]
-            prev = tl.load(ptrs, mask=mask & (n0 > 0), other=0.0)
-            tl.store(ptrs, _dot(ds, k, prev, LOWP), mask=mask)
+        ds = _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP)
+        _accumulate(dq_ptr + n * L * D, offs_m, m_ok, ds, k_base, kb_ptr, offs_n, n_ok, D,
+                    n0 > 0, HAS_KB, LOWP, BLOCK_D)                   # dq += dS k
 
 
 @triton.jit
@@ -209,44 +245,23 @@ def _bwd_dk_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_p
                    COMPUTE_DK: tl.constexpr, LOWP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    p = tl.load(idx_ptr + n).to(tl.int64)
-    q_base = qk_ptr + n * L * D
-    k_base = qk_ptr + p * L * D
-    dk_base = dk_ptr + n * L * D
+    n, p, q_base, k_base = _sample_and_partner(qk_ptr, idx_ptr, L, D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < L
-    vb = 0.0
-    if HAS_VB:
-        vb = tl.load(vb_ptr).to(tl.float32)
-    vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) + vb
-
+    vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) \
+        + _v_bias(vb_ptr, HAS_VB)
     dvv = tl.zeros([BLOCK_N], dtype=tl.float32)
     for m0 in range(0, L, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < L
-        lse2 = tl.load(lse_ptr + n * L + offs_m, mask=m_ok, other=0.0) * 1.4426950408889634
-        do = tl.load(do_ptr + n * L + offs_m, mask=m_ok, other=0.0)
-        delta = do * tl.load(out_ptr + n * L + offs_m, mask=m_ok, other=0.0)
-        s = _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
-                    HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
-        pr = tl.exp2(s * qk_scale - lse2[:, None])
-        pr = tl.where(m_ok[:, None] & n_ok[None, :], pr, 0.0)
+        lse2, do, delta = _row_terms(lse_ptr, do_ptr, out_ptr, n * L, offs_m, m_ok)
+        pr = _probs(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D, qk_scale,
+                    lse2, HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
         dvv += tl.sum(pr * do[:, None], axis=0)
         if COMPUTE_DK:
-            ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
-            if LOWP:
-                ds = ds.to(qk_ptr.dtype.element_ty)
-            dst = tl.trans(ds)                           # [BLOCK_N, BLOCK_M]
-            tl.debug_barrier()                           # see _bwd_dq_kernel
-            for d0 in range(0, D, BLOCK_D):
-                offs_d = d0 + tl.arange(0, BLOCK_D)
-                d_ok = offs_d < D
-                q = _load_rows(q_base, qb_ptr, offs_m, m_ok, offs_d, d_ok, D, HAS_QB, LOWP)
-                ptrs = dk_base + offs_n[:, None] * D + offs_d[None, :]
-                mask = n_ok[:, None] & d_ok[None, :]
-                prev = tl.load(ptrs, mask=mask & (m0 > 0), other=0.0)
-                tl.store(ptrs, _dot(dst, q, prev, LOWP), mask=mask)
+            ds = _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP)
+            _accumulate(dk_ptr + n * L * D, offs_n, n_ok, tl.trans(ds), q_base, qb_ptr,
+                        offs_m, m_ok, D, m0 > 0, HAS_QB, LOWP, BLOCK_D)  # dk += dS^T q
     tl.store(dvv_ptr + n * L + offs_n, dvv, mask=n_ok)
 
 
@@ -406,68 +421,6 @@ class _MixBlockAttention(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (host metadata only: never reads tensor values)
-# --------------------------------------------------------------------------------------------
-def _shape(x):
-    return tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _check_args(qk, v, index, q_bias, k_bias, v_bias, scale):
-    if not isinstance(qk, torch.Tensor):
-        raise TypeError(f"qk must be a torch.Tensor [N, L, D], got {type(qk).__name__}")
-    if qk.dim() != 3:
-        raise ValueError(f"qk must be 3-D [N, L, D], got shape {tuple(qk.shape)}")
-    if qk.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"qk must be float32, float16 or bfloat16, got {qk.dtype}")
-    N, L, D = qk.shape
-    if L == 0 or D == 0:
-        raise ValueError(f"qk must have L > 0 and D > 0, got shape {tuple(qk.shape)}")
-    dev = qk.device
-    if not isinstance(v, torch.Tensor):
-        raise TypeError(f"v must be a torch.Tensor [N, L], got {type(v).__name__}")
-    if v.dim() != 2 or tuple(v.shape) != (N, L):
-        raise ValueError(f"v must have shape [N, L] = [{N}, {L}] to match qk, "
-                         f"got {tuple(v.shape)}")
-    if v.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"v must be float32, float16 or bfloat16, got {v.dtype}")
-    if v.device != dev:
-        raise ValueError(f"v is on {v.device} but qk is on {dev}")
-    _common.check_index("index", index, N, dev, "qk")
-    for name, b in (("q_bias", q_bias), ("k_bias", k_bias)):
-        if b is None:
-            continue
-        if not isinstance(b, torch.Tensor):
-            raise TypeError(f"{name} must be None or a [D] tensor, got {type(b).__name__}")
-        if tuple(b.shape) != (D,):
-            raise ValueError(f"{name} must have shape [D] = [{D}], got {tuple(b.shape)}")
-        if not b.is_floating_point():
-            raise TypeError(f"{name} must be floating point, got {b.dtype}")
-        if b.device != dev:
-            raise ValueError(f"{name} is on {b.device} but qk is on {dev}")
-    if v_bias is not None:
-        if isinstance(v_bias, torch.Tensor):
-            if v_bias.dim() != 0:
-                raise ValueError(f"v_bias must be None, a Python float or a 0-d tensor, "
-                                 f"got a tensor of shape {tuple(v_bias.shape)}")
-            if not v_bias.is_floating_point():
-                raise TypeError(f"v_bias must be floating point, got {v_bias.dtype}")
-            if v_bias.device != dev and v_bias.device.type != "cpu":
-                raise ValueError(f"v_bias is on {v_bias.device} but qk is on {dev}")
-        elif isinstance(v_bias, bool) or not isinstance(v_bias, numbers.Real):
-            raise TypeError(f"v_bias must be None, a Python float or a 0-d tensor, "
-                            f"got {type(v_bias).__name__}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise TypeError(f"scale must be None or a Python float, got {type(scale).__name__}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale must be finite, got {scale}")
-
-
-def _scale(scale, D):
-    return 1.0 / math.sqrt(D) if scale is None else float(scale)
-
-
-# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None):
@@ -478,15 +431,15 @@ def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scal
         qk: [N, L, D] float32 / float16 / bfloat16, CUDA (or CPU under TRITON_INTERPRET=1);
             the shared query/key projection. Non-contiguous views are copied.
         v: [N, L] float (value projection, width 1), same device.
-        index: [N] int64 (or int32) partner of each sample, values in [0, N) (not checked:
-            the caller's contract; no host sync). Need not be a permutation.
+        index: [N] int64 (or int32) partner of each sample, values in [0, N) (checked on
+            the CPU, a device-side assert on CUDA: no host sync). Need not be a permutation.
         q_bias, k_bias: [D] float tensors or None.
         v_bias: 0-d tensor, Python float or None.
         scale: Python float; default 1 / sqrt(D).
 
     Differentiable w.r.t. qk, v and the bias tensors (grads in their dtypes); index gets none.
     """
-    _check_args(qk, v, index, q_bias, k_bias, v_bias, scale)
+    check_attention(qk, v, index, q_bias, k_bias, v_bias, scale)
     if qk.device.type != "cuda" and not _common.interpreting():
         raise ValueError(f"mixblock_attention runs Triton kernels: qk must be on a CUDA device "
                          f"(got {qk.device}; set TRITON_INTERPRET=1 for CPU)")
@@ -494,34 +447,14 @@ def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scal
     if N == 0:
         return mixblock_attention_eager(qk, v, index, q_bias, k_bias, v_bias, scale)
     dev = qk.device
-    s = _scale(scale, D)
+    s = attention_scale(scale, D)
     # Autograd flows through these conversions, so bias grads come back in their dtypes.
     qb = q_bias.to(torch.float32).contiguous() if q_bias is not None else None
     kb = k_bias.to(torch.float32).contiguous() if k_bias is not None else None
-    vb = _common.scalar_tensor(v_bias, dev) if v_bias is not None else None
+    vb = scalar_tensor(v_bias, dev) if v_bias is not None else None
     qk_c, v_c, idx = qk.contiguous(), v.contiguous(), index.contiguous()
     if torch.is_grad_enabled() and any(
             x is not None and x.requires_grad for x in (qk_c, v_c, qb, kb, vb)):
         return _MixBlockAttention.apply(qk_c, v_c, idx, qb, kb, vb, s)
     out, _ = _launch_forward(qk_c, v_c, idx, qb, kb, vb, s)
     return out
-
-
-def mixblock_attention_eager(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None):
-    """The PyTorch twin and reference: gathers ``qk[index]`` and materialises P; fp32."""
-    _check_args(qk, v, index, q_bias, k_bias, v_bias, scale)
-    s = _scale(scale, qk.shape[2])
-    q = qk.float()
-    k = qk[index].float()
-    vv = v[index].float()
-    if q_bias is not None:
-        q = q + q_bias.float()
-    if k_bias is not None:
-        k = k + k_bias.float()
-    if v_bias is not None:
-        if isinstance(v_bias, torch.Tensor):
-            v_bias = v_bias.to(device=vv.device, dtype=torch.float32)
-        vv = vv + v_bias
-    attn = torch.bmm(q, k.transpose(1, 2)) * s          # [N, L, L]
-    attn = attn.softmax(dim=-1)                          # over the partner's positions
-    return torch.bmm(attn, vv.unsqueeze(-1)).squeeze(-1)

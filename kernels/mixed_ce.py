@@ -19,23 +19,20 @@ from device memory. The training step stays CUDA-graph capturable.
 
 Public API:
     mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0)
-    mixed_cross_entropy_eager(...)   # the PyTorch twin (same signature)
+    fastmix.functional.mixed_cross_entropy_eager(...)   # the eager twin (same signature)
     cross_entropy(logits, target, label_smoothing=0.0)
 """
-import numbers
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from fastmix.functional import mixed_cross_entropy_eager  # noqa: F401  (the one eager twin)
+from fastmix.checks import check_cross_entropy, scalar_tensor
 from fastmix.kernels import _common
 
-__all__ = ["mixed_cross_entropy", "mixed_cross_entropy_eager", "cross_entropy"]
+__all__ = ["mixed_cross_entropy", "cross_entropy"]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Launch configuration (module globals so tests can force the chunked path on small K).
 MAX_BLOCK_K = 4096   # widest class chunk one program holds; K above it loops over chunks
@@ -47,24 +44,11 @@ SCALE_BLOCK = 2048   # elements per program of the backward scaling kernel
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _mixed_ce_fwd_kernel(
-    logits_ptr, stride_row, ta_ptr, tb_ptr, lam_ptr, loss_ptr, grad_ptr,
-    N, K, eps, eps_over_k, inv_k,
-    HAS_B: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """ROWS rows per program. SINGLE: the whole row fits one BLOCK_K chunk (one HBM read);
-    otherwise pass 1 loops over chunks with an online max / sum-exp, pass 2 re-reads the row
-    and writes the gradient."""
-    pid = tl.program_id(0)
-    rows = pid * ROWS + tl.arange(0, ROWS)
-    row_ok = rows < N
-    # Tail rows of the last program re-read row N-1 (always valid data) and store nothing.
-    rows64 = tl.minimum(rows, N - 1).to(tl.int64)
-    x_row = logits_ptr + rows64 * stride_row            # [ROWS] row pointers
-    cols = tl.arange(0, BLOCK_K)
-
-    # Labels and their logits. An out-of-range label gathers column 0 and poisons the row.
+def _targets(x_row, ta_ptr, tb_ptr, lam_ptr, rows64, K, eps, HAS_B: tl.constexpr):
+    """The labels of a tile of rows and what the loss needs of them: ``(a, b, x_t, w_a, w_b,
+    poison)`` with x_t the λ-weighted target logit, w_* the one-hot weights of the target
+    distribution, poison 0 (or NaN for a label outside [0, K): the launcher refuses one, this
+    is defence in depth; such a label gathers column 0)."""
     a = tl.load(ta_ptr + rows64).to(tl.int64)
     a_ok = (a >= 0) & (a < K)
     x_a = tl.load(x_row + tl.where(a_ok, a, 0)).to(tl.float32)
@@ -83,12 +67,44 @@ def _mixed_ce_fwd_kernel(
         w_a = 1.0 - eps
         w_b = 0.0
         lbl_ok = a_ok
-    poison = tl.where(lbl_ok, 0.0, float("nan"))        # [ROWS]: 0, or NaN for a bad label
+    return a, b, x_t, w_a, w_b, tl.where(lbl_ok, 0.0, float("nan"))
+
+
+@triton.jit
+def _store_grad(grad_ptr, g_row, cols, col_ok, row_ok, p, a, b, w_a, w_b, eps_over_k, poison):
+    """softmax ``p`` minus the target distribution on one [ROWS, BLOCK_K] tile, stored in the
+    gradient buffer's dtype."""
+    g = p - eps_over_k
+    g = g - tl.where(cols[None, :] == a[:, None], w_a, 0.0)
+    g = g - tl.where(cols[None, :] == b[:, None], w_b, 0.0)
+    g = g + poison[:, None]
+    tl.store(g_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _mixed_ce_fwd_kernel(
+    logits_ptr, stride_row, ta_ptr, tb_ptr, lam_ptr, loss_ptr, grad_ptr,
+    N, K, eps, eps_over_k, inv_k,
+    HAS_B: tl.constexpr, WRITE_GRAD: tl.constexpr, SINGLE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """ROWS rows per program. SINGLE: the whole row fits one BLOCK_K chunk (one HBM read);
+    otherwise pass 1 loops over chunks with an online max / sum-exp, pass 2 re-reads the row
+    and writes the gradient."""
+    pid = tl.program_id(0)
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < N
+    # Tail rows of the last program re-read row N-1 (always valid data) and store nothing.
+    rows64 = tl.minimum(rows, N - 1).to(tl.int64)
+    x_row = logits_ptr + rows64 * stride_row            # [ROWS] row pointers
+    cols = tl.arange(0, BLOCK_K)
+
+    a, b, x_t, w_a, w_b, poison = _targets(x_row, ta_ptr, tb_ptr, lam_ptr, rows64, K, eps, HAS_B)
 
     g_row = grad_ptr + rows64 * K                       # gradient buffer is contiguous
     if SINGLE:
         col_ok = cols < K
-        mask = row_ok[:, None] & col_ok[None, :]
         x = tl.load(x_row[:, None] + cols[None, :], mask=col_ok[None, :],
                     other=float("-inf")).to(tl.float32)
         m = tl.max(x, axis=1)
@@ -97,12 +113,8 @@ def _mixed_ce_fwd_kernel(
         sum_x = tl.sum(tl.where(col_ok[None, :], x, 0.0), axis=1)
         lse = m + tl.log(s)
         if WRITE_GRAD:
-            p = e * (1.0 / s)[:, None]
-            g = p - eps_over_k
-            g = g - tl.where(cols[None, :] == a[:, None], w_a, 0.0)
-            g = g - tl.where(cols[None, :] == b[:, None], w_b, 0.0)
-            g = g + poison[:, None]
-            tl.store(g_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+            _store_grad(grad_ptr, g_row, cols, col_ok, row_ok, e * (1.0 / s)[:, None],
+                        a, b, w_a, w_b, eps_over_k, poison)
     else:
         m = tl.full([ROWS], float("-inf"), tl.float32)
         s = tl.zeros([ROWS], tl.float32)
@@ -121,15 +133,10 @@ def _mixed_ce_fwd_kernel(
             for k0 in range(0, K, BLOCK_K):
                 c = k0 + cols
                 col_ok = c < K
-                mask = row_ok[:, None] & col_ok[None, :]
                 x = tl.load(x_row[:, None] + c[None, :], mask=col_ok[None, :],
                             other=float("-inf")).to(tl.float32)
-                g = tl.exp(x - lse[:, None]) - eps_over_k
-                g = g - tl.where(c[None, :] == a[:, None], w_a, 0.0)
-                g = g - tl.where(c[None, :] == b[:, None], w_b, 0.0)
-                g = g + poison[:, None]
-                tl.store(g_row[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty),
-                         mask=mask)
+                _store_grad(grad_ptr, g_row, c, col_ok, row_ok, tl.exp(x - lse[:, None]),
+                            a, b, w_a, w_b, eps_over_k, poison)
 
     # Per row: (1-eps) * (lse - x_t) + eps * (lse - mean_k z_k), lam already folded into x_t.
     loss = lse - (1.0 - eps) * x_t - eps * (sum_x * inv_k) + poison
@@ -211,46 +218,6 @@ class _MixedCrossEntropy(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
-# Argument checks (no host read of a CUDA tensor: see _common.check_index)
-# --------------------------------------------------------------------------------------------
-def _check_targets(name, t, n, device, k):
-    _common.check_index(name, t, n, device, f"the {k} classes of logits", high=k)
-
-
-def _check_args(logits, target_a, target_b, lam, label_smoothing):
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [N, K], got shape {tuple(logits.shape)}")
-    if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
-    n, k = logits.shape
-    if n == 0 or k == 0:
-        raise ValueError(f"logits must be non-empty [N, K], got shape {tuple(logits.shape)}")
-    _check_targets("target_a", target_a, n, logits.device, logits.shape[1])
-    if target_b is not None:
-        _check_targets("target_b", target_b, n, logits.device, logits.shape[1])
-    if isinstance(lam, torch.Tensor):
-        if lam.dim() != 0:
-            raise ValueError(f"lam must be a Python float or a 0-d tensor, "
-                             f"got a tensor of shape {tuple(lam.shape)}")
-        if not (lam.is_floating_point() or lam.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"lam tensor must be floating point, got {lam.dtype}")
-        if lam.requires_grad:
-            raise ValueError("lam must not require grad: the fused loss treats it as a "
-                             "constant (pass lam.detach())")
-        if lam.device != logits.device and lam.device.type != "cpu":
-            raise ValueError(f"lam is on {lam.device} but logits are on {logits.device}")
-    elif isinstance(lam, bool) or not isinstance(lam, numbers.Real):
-        raise TypeError(f"lam must be a Python float or a 0-d tensor, got {type(lam).__name__}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(f"label_smoothing must be a Python float, "
-                        f"got {type(label_smoothing).__name__}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-
-
-# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0):
@@ -269,18 +236,18 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
     reduction. The gradient w.r.t. logits is written by the forward kernel (only when logits
     requires grad and grad mode is on) and scaled by grad_output in the backward.
 
-    Out-of-range labels (outside [0, K), including -100: there is no ignore_index) do not
-    fault and are not checked on the host: that row's loss and gradient are NaN, so the batch
-    loss is NaN and a downstream NaN check catches it.
+    Out-of-range labels (outside [0, K), including -100: there is no ignore_index) raise
+    IndexError on the CPU and trip a device-side assert on CUDA (no host sync), as the eager
+    twin does.
     """
-    _check_args(logits, target_a, target_b, lam, label_smoothing)
+    check_cross_entropy(logits, target_a, target_b, lam, label_smoothing)
     if logits.device.type != "cuda" and not _common.interpreting():
         raise ValueError(f"mixed_cross_entropy runs Triton kernels: logits must be on a CUDA "
                          f"device (got {logits.device}; set TRITON_INTERPRET=1 for CPU)")
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     eps = float(label_smoothing)
-    lam_t = _common.scalar_tensor(lam, logits.device) if target_b is not None else None
+    lam_t = scalar_tensor(lam, logits.device) if target_b is not None else None
     if logits.requires_grad and torch.is_grad_enabled():
         return _MixedCrossEntropy.apply(logits, target_a, target_b, lam_t, eps)
     loss_rows, _ = _launch_forward(logits, target_a, target_b, lam_t, eps, write_grad=False)

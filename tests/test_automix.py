@@ -107,9 +107,9 @@ def test_lam_margin_fallback_is_plain_mixup():
     x, _ = batch()
     z = model.backbone_k(x)[0]
     idx_mb, idx_bb = torch.randperm(6), torch.randperm(6)
-    _, x_bb, _ = model._mix_eager(x, z, 0.5, idx_mb, 0.05, idx_bb, True)
+    _, x_bb, _ = model._mix(x, z, 0.5, idx_mb, 0.05, idx_bb, True, False)
     torch.testing.assert_close(x_bb, 0.05 * x + 0.95 * x[idx_bb])
-    _, x_bb2, _ = model._mix_eager(x, z, 0.5, idx_mb, 0.3, idx_bb, False)
+    _, x_bb2, _ = model._mix(x, z, 0.5, idx_mb, 0.3, idx_bb, False, False)
     assert (x_bb2 - (0.3 * x + 0.7 * x[idx_bb])).abs().max() > 1e-3
 
 
@@ -118,13 +118,13 @@ def test_lam_margin_decision(monkeypatch, lam_bb, fallback):
     model = make_model()
     seen = {}
     monkeypatch.setattr(model, "sample_lam", lambda size=None: [0.4, lam_bb])
-    orig = model._mix_eager
+    orig = model._mix
 
     def spy(*args):
-        seen["fallback"] = args[-1]
+        seen["fallback"] = args[-2]
         return orig(*args)
 
-    monkeypatch.setattr(model, "_mix_eager", spy)
+    monkeypatch.setattr(model, "_mix", spy)
     model.forward_train(*batch())
     assert seen["fallback"] is fallback
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fastmix  # noqa: F401  (registers fastmix.kernels in a source checkout)
+from fastmix import functional as E   # the eager twins
 from fastmix.kernels import _common
 from fastmix.kernels import mask_mix as M
 
@@ -59,7 +60,7 @@ def _compare(n, c, size, msize, mode, dtype=torch.float32, channels_last=False,
     x, index, m = _inputs(n, c, size, msize, dtype, channels_last, perm, mask_dtype)
     go = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     out_f, g_f = _run(M.mix_images, x, index, m, go, mode=mode)
-    out_e, g_e = _run(M.mix_images_eager, x, index, m, go, mode=mode)
+    out_e, g_e = _run(E.mix_images_eager, x, index, m, go, mode=mode)
     tol = max(TOL[dtype], TOL[mask_dtype])
     assert out_f.shape == x.shape
     assert out_f.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
@@ -154,7 +155,7 @@ def test_no_host_sync_and_cuda_graph_gpu():
         g_a, g_b = M.mix_images_pair(x, ia, ma, ib, lam_b=lam)
     lam.fill_(0.8)
     graph.replay()
-    e_a, e_b = M.mix_images_pair_eager(x, ia, ma, ib, lam_b=0.8)
+    e_a, e_b = E.mix_images_pair_eager(x, ia, ma, ib, lam_b=0.8)
     _check_close(g_a, e_a, 1e-2, "graph replay out_a")
     _check_close(g_b, e_b, 1e-2, "graph replay out_b (lam read on the device)")
 
@@ -197,7 +198,7 @@ def test_constant_lambda(lam_kind, channels_last):
     x, index, _ = _inputs(3, 3, (16, 16), (4, 4), channels_last=channels_last)
     lam = 0.3 if lam_kind == "float" else torch.tensor(0.3, device=DEVICE)
     out = M.mix_images(x, index, lam=lam)
-    ref = M.mix_images_eager(x, index, lam=lam)
+    ref = E.mix_images_eager(x, index, lam=lam)
     direct = 0.3 * x + 0.7 * x[index]
     assert out.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
     _check_close(out, ref, 1e-5, "constant mix vs eager")
@@ -207,7 +208,7 @@ def test_constant_lambda(lam_kind, channels_last):
 def test_constant_lambda_fp16():
     x, index, _ = _inputs(3, 3, (16, 16), (4, 4), dtype=torch.float16)
     lam = torch.tensor(0.65, device=DEVICE, dtype=torch.float64)
-    _check_close(M.mix_images(x, index, lam=lam), M.mix_images_eager(x, index, lam=lam),
+    _check_close(M.mix_images(x, index, lam=lam), E.mix_images_eager(x, index, lam=lam),
                  1e-2, "fp16 constant mix")
 
 
@@ -229,7 +230,7 @@ def test_pair_matches_eager(b_kind, mode, channels_last):
         kw = {"lam_b": 0.4 if b_kind == "lam_float" else torch.tensor(0.4, device=DEVICE)}
     go = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     res = {}
-    for name, fn in (("fused", M.mix_images_pair), ("eager", M.mix_images_pair_eager)):
+    for name, fn in (("fused", M.mix_images_pair), ("eager", E.mix_images_pair_eager)):
         a = ma.detach().requires_grad_()
         b = kw.get("mask_logits_b")
         kw_run = dict(kw, mask_logits_b=b.detach().requires_grad_()) if b is not None else kw
@@ -270,7 +271,7 @@ def test_pair_is_one_launch(monkeypatch):
 def test_pair_fp16_bilinear():
     x, ia, ma, ib, mb = _pair_inputs(dtype=torch.float16, size=(30, 30))
     fa, fb = M.mix_images_pair(x, ia, ma, ib, mb, mode="bilinear")
-    ea, eb = M.mix_images_pair_eager(x, ia, ma, ib, mb, mode="bilinear")
+    ea, eb = E.mix_images_pair_eager(x, ia, ma, ib, mb, mode="bilinear")
     _check_close(fa, ea, 1e-2, "fp16 pair out_a")
     _check_close(fb, eb, 1e-2, "fp16 pair out_b")
 
@@ -281,8 +282,8 @@ def test_eager_matches_direct_computation(mode):
     kw = {"align_corners": False} if mode == "bilinear" else {}
     s = torch.sigmoid(F.interpolate(m, size=(30, 30), mode=mode, **kw))
     direct = x * (1 - s) + x[index] * s
-    _check_close(M.mix_images_eager(x, index, m, mode=mode), direct, 1e-6, "eager twin")
-    a, b = M.mix_images_pair_eager(x, index, m, torch.roll(index, 1), lam_b=0.25, mode=mode)
+    _check_close(E.mix_images_eager(x, index, m, mode=mode), direct, 1e-6, "eager twin")
+    a, b = E.mix_images_pair_eager(x, index, m, torch.roll(index, 1), lam_b=0.25, mode=mode)
     _check_close(a, direct, 1e-6, "eager pair a")
     _check_close(b, 0.25 * x + 0.75 * x[torch.roll(index, 1)], 1e-6, "eager pair b")
 
@@ -313,7 +314,7 @@ def test_strided_mask_logits():
     M.mix_images(x, index, both[:, 1:2], mode="bilinear").backward(go)
     g_f = both.grad.clone()
     both.grad = None
-    M.mix_images_eager(x, index, both[:, 1:2], mode="bilinear").backward(go)
+    E.mix_images_eager(x, index, both[:, 1:2], mode="bilinear").backward(go)
     _check_close(g_f, both.grad, 1e-5, "strided logits gradient")
 
 
@@ -323,14 +324,14 @@ def test_no_grad_and_non_contiguous_images():
     with torch.no_grad():
         out = M.mix_images(xs, index, m.requires_grad_())
     assert not out.requires_grad
-    _check_close(out, M.mix_images_eager(xs, index, m.detach()), 1e-5, "non-contiguous x")
+    _check_close(out, E.mix_images_eager(xs, index, m.detach()), 1e-5, "non-contiguous x")
 
 
 def test_int32_index():
     x, index, m = _inputs(3, 3, (16, 16), (4, 4))
     go = torch.randn(x.shape).to(DEVICE)
     out_f, g_f = _run(M.mix_images, x, index.int(), m, go, mode="bilinear")
-    out_e, g_e = _run(M.mix_images_eager, x, index, m, go, mode="bilinear")
+    out_e, g_e = _run(E.mix_images_eager, x, index, m, go, mode="bilinear")
     _check_close(out_f, out_e, 1e-5, "int32 index output")
     _check_close(g_f, g_e, 1e-5, "int32 index gradient")
 
@@ -344,7 +345,7 @@ def test_out_of_range_index_raises_like_eager():
         with pytest.raises(IndexError, match=r"values must lie in \[0, 3\)"):
             M.mix_images(x, index, m)
         with pytest.raises(IndexError):
-            M.mix_images_eager(x, index, m)
+            E.mix_images_eager(x, index, m)
 
 
 def test_upstream_gradient_layouts():
@@ -352,11 +353,11 @@ def test_upstream_gradient_layouts():
     x, index, m = _inputs(3, 3, (16, 16), (8, 8), channels_last=True)
     go_nchw = torch.randn(x.shape).to(DEVICE).contiguous()
     _, g_f = _run(M.mix_images, x, index, m, go_nchw)
-    _, g_e = _run(M.mix_images_eager, x, index, m, go_nchw)
+    _, g_e = _run(E.mix_images_eager, x, index, m, go_nchw)
     _check_close(g_f, g_e, 1e-5, "NCHW grad_out for a channels_last output")
     ones = torch.ones((), device=DEVICE).expand(x.shape)
     _, g_f = _run(M.mix_images, x, index, m, ones)
-    _, g_e = _run(M.mix_images_eager, x, index, m, ones)
+    _, g_e = _run(E.mix_images_eager, x, index, m, ones)
     _check_close(g_f, g_e, 1e-5, "expanded grad_out")
 
 
@@ -366,7 +367,7 @@ def _good():
     return x, index, m
 
 
-@pytest.mark.parametrize("fn", [M.mix_images, M.mix_images_eager])
+@pytest.mark.parametrize("fn", [M.mix_images, E.mix_images_eager])
 def test_errors_single(fn):
     x, index, m = _good()
     with pytest.raises(ValueError, match="4-D"):
@@ -406,7 +407,7 @@ def test_errors_single(fn):
         fn(x, index, torch.empty(2, 1, 2, 2, device="meta"))
 
 
-@pytest.mark.parametrize("fn", [M.mix_images_pair, M.mix_images_pair_eager])
+@pytest.mark.parametrize("fn", [M.mix_images_pair, E.mix_images_pair_eager])
 def test_errors_pair(fn):
     x, index, m = _good()
     with pytest.raises(ValueError, match="mask_logits_a"):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastmix  # noqa: F401  (registers fastmix.kernels in a source checkout)
+from fastmix import functional as E   # the eager twins
 from fastmix.kernels import _common
 from fastmix.kernels import mixblock_attn as M
 
@@ -101,7 +102,7 @@ def _compare(qk, v, idx, qb, kb, vb, scale=None):
     tol = TOL[qk.dtype]
     dout = _dout(qk.shape[0], qk.shape[1])
     of, gf = _run(M.mixblock_attention, qk, v, idx, qb, kb, vb, scale, dout)
-    oe, ge = _run(M.mixblock_attention_eager, qk, v, idx, qb, kb, vb, scale, dout)
+    oe, ge = _run(E.mixblock_attention_eager, qk, v, idx, qb, kb, vb, scale, dout)
     err = _error_scales(qk, v, idx, qb, kb, vb, scale, dout)
     assert of.dtype == torch.float32 and of.shape == (qk.shape[0], qk.shape[1])
     _assert_close(of, oe, tol, err["out"], "out")
@@ -191,14 +192,14 @@ def test_partial_requires_grad():
     dout = _dout(3, 49, seed=2)
     err = _error_scales(qk, v, idx, qb, kb, vb, None, dout)
     (M.mixblock_attention(qk, vf, idx, qb, kb, vbf) * dout).sum().backward()
-    (M.mixblock_attention_eager(qk, ve, idx, qb, kb, vbe) * dout).sum().backward()
+    (E.mixblock_attention_eager(qk, ve, idx, qb, kb, vbe) * dout).sum().backward()
     _assert_close(vf.grad, ve.grad, 1e-5, err["v"], "grad v")
     _assert_close(vbf.grad, vbe.grad, 1e-5, err["v_bias"], "grad v_bias")
     # only the q bias: dq without dk
     qbf = qb.clone().requires_grad_()
     qbe = qb.clone().requires_grad_()
     (M.mixblock_attention(qk, v, idx, qbf, kb, vb) * dout).sum().backward()
-    (M.mixblock_attention_eager(qk, v, idx, qbe, kb, vb) * dout).sum().backward()
+    (E.mixblock_attention_eager(qk, v, idx, qbe, kb, vb) * dout).sum().backward()
     _assert_close(qbf.grad, qbe.grad, 1e-5, err["q_bias"], "grad q_bias")
 
 
@@ -207,7 +208,7 @@ def test_no_grad_forward():
     with torch.no_grad():
         out = M.mixblock_attention(qk.requires_grad_(), v, idx, qb, kb, vb)
     assert not out.requires_grad
-    ref = M.mixblock_attention_eager(qk.detach(), v, idx, qb, kb, vb)
+    ref = E.mixblock_attention_eager(qk.detach(), v, idx, qb, kb, vb)
     _assert_close(out, ref, 1e-5, ref.abs().max(), "out")
 
 
@@ -246,7 +247,7 @@ def test_eager_matches_float64_reference(bias):
     p = torch.exp(s - s.amax(-1, keepdim=True))
     p = p / p.sum(-1, keepdim=True)
     ref = torch.einsum("nij,nj->ni", p, vv)
-    out = M.mixblock_attention_eager(qk, v, idx, qb, kb, vb)
+    out = E.mixblock_attention_eager(qk, v, idx, qb, kb, vb)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     # and with explicit per-sample loops (independent of the batched gather)
@@ -260,7 +261,7 @@ def test_eager_matches_float64_reference(bias):
 
 
 # ------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("fn", [M.mixblock_attention, M.mixblock_attention_eager])
+@pytest.mark.parametrize("fn", [M.mixblock_attention, E.mixblock_attention_eager])
 def test_errors(fn):
     qk, v, idx, qb, kb, vb = _make(3, 2, 16, seed=31)
     with pytest.raises(ValueError, match="qk must be 3-D"):

@@ -41,7 +41,7 @@ def _loss_and_grad(fn, z, *args, **kwargs):
 
 def _compare(z, a, tb, lam, eps, dtype):
     lf, gf = _loss_and_grad(M.mixed_cross_entropy, z, a, tb, lam, eps)
-    le, ge = _loss_and_grad(M.mixed_cross_entropy_eager, z, a, tb, lam, eps)
+    le, ge = _loss_and_grad(F_eager.mixed_cross_entropy_eager, z, a, tb, lam, eps)
     tol = TOL[dtype]
     assert lf.dtype == torch.float32 and lf.dim() == 0
     assert gf.dtype == z.dtype and gf.shape == z.shape
@@ -134,7 +134,7 @@ def test_cross_entropy_is_plain_ce():
 
 def test_lam_forms_and_int32_targets():
     z, a, b = _make(16, 100, seed=2)
-    ref = M.mixed_cross_entropy_eager(z, a, b, 0.75, 0.1)
+    ref = F_eager.mixed_cross_entropy_eager(z, a, b, 0.75, 0.1)
     for lam in (0.75, torch.tensor(0.75), torch.tensor(0.75, dtype=torch.float64)):
         out = M.mixed_cross_entropy(z, a.int(), b.int(), lam, 0.1)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-7)
@@ -178,7 +178,7 @@ def test_eager_and_fused_match_float64(n, k, mode, eps):
     tb, lam = _targets(mode, a, b)
     lam_f = 1.0 if tb is None else float(lam)
     ref_loss, ref_grad = _reference_f64(z, a, tb, lam_f, eps)
-    for fn in (M.mixed_cross_entropy_eager, M.mixed_cross_entropy):
+    for fn in (F_eager.mixed_cross_entropy_eager, M.mixed_cross_entropy):
         loss, grad = _loss_and_grad(fn, z, a, tb, lam, eps)
         torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(grad.double().cpu(), ref_grad * GRAD_SCALE, rtol=1e-4,
@@ -218,7 +218,7 @@ def test_forward_only_writes_no_gradient(monkeypatch):
         return real_empty(shape, dtype, device, *args, **kwargs)
 
     monkeypatch.setattr(_common, "empty", spy)
-    ref = M.mixed_cross_entropy_eager(z, a, b, 0.2, 0.1)
+    ref = F_eager.mixed_cross_entropy_eager(z, a, b, 0.2, 0.1)
     out = M.mixed_cross_entropy(z, a, b, 0.2, 0.1)
     assert not out.requires_grad and out.grad_fn is None
     assert shapes == [(40,)], f"forward-only allocated {shapes}"
@@ -271,7 +271,7 @@ def test_errors(monkeypatch):
     with pytest.raises(TypeError, match="label_smoothing must be a Python float"):
         f(z, a, b, 0.5, torch.tensor(0.1))
     with pytest.raises(ValueError, match="label_smoothing"):
-        M.mixed_cross_entropy_eager(z, a, b, 0.5, -0.1)
+        F_eager.mixed_cross_entropy_eager(z, a, b, 0.5, -0.1)
     if DEVICE == "cpu":
         monkeypatch.setattr(_common, "interpreting", lambda: False)
         with pytest.raises(ValueError, match="CUDA device"):
@@ -325,7 +325,7 @@ def test_cuda_graph_capture_gpu():
         lam.fill_(value)
         graph.replay()
         torch.cuda.synchronize()
-        le, ge = _loss_and_grad(M.mixed_cross_entropy_eager, z, a, b, value, 0.1)
+        le, ge = _loss_and_grad(F_eager.mixed_cross_entropy_eager, z, a, b, value, 0.1)
         torch.testing.assert_close(static_loss, le, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(z.grad, ge / GRAD_SCALE, rtol=1e-5,
                                    atol=1e-5 * ge.abs().max().item())

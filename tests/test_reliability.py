@@ -463,13 +463,13 @@ def test_fused_and_eager_agree_on_out_of_range_labels_and_indices():
 
 
 def test_silently_accepted_api_inputs_are_refused():
-    from fastmix.functional import cutmix_box, mask_mix_images
+    from fastmix.functional import cutmix_box, mix_images
     import numpy as np
     with pytest.raises(ValueError, match=r"lam must be a number in \[0, 1\]"):
         cutmix_box(8, 8, 1.5, np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"\[N, 1, h, w\]"):
-        mask_mix_images(torch.randn(2, 3, 8, 8), torch.tensor([1, 0]), torch.randn(2, 3, 2, 2),
-                        fused=False)
+        mix_images(torch.randn(2, 3, 8, 8), torch.tensor([1, 0]), torch.randn(2, 3, 2, 2),
+                   fused=False)
 
     class OneMap(torch.nn.Module):
         out_channels = (16, 16)

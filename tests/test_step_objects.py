@@ -29,7 +29,7 @@ def make(method, fused=False, lam_margin=0.08, seed=0, device=CPU, **kw):
     backbone = build_backbone("resnet_small", 3)
     if method == "automix":
         model = AutoMix(backbone, 10, seed=seed, fused=fused, lam_margin=lam_margin,
-                        momentum=0.9, momentum_end=0.99, **kw)
+                        ema_momentum=0.9, ema_end=0.99, **kw)
     else:
         model = MixupClassifier(backbone, 10, method=method, seed=seed, fused=fused)
     return model.to(device)
@@ -113,13 +113,13 @@ def test_fallback_select_is_the_mixup_blend():
     index = torch.tensor([1, 2, 3, 4, 0])
     z = model.backbone_k(x)[0]
     for lam in (0.0, 0.03, 0.5, 0.97, 1.0):
-        _, want, _ = model._mix_eager(x, z, 0.5, index, lam, index, True)
+        _, want, _ = model._mix(x, z, 0.5, index, lam, index, True, False)
         flag = torch.tensor(True)
-        _, got, _ = model._mix_eager(x, z, 0.5, index, torch.tensor(lam), index, flag)
+        _, got, _ = model._mix(x, z, 0.5, index, torch.tensor(lam), index, flag, False)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
         # flag False: the Mix Block mask, as in the eager non-fallback branch
-        _, want, _ = model._mix_eager(x, z, 0.5, index, lam, index, False)
-        _, got, _ = model._mix_eager(x, z, 0.5, index, torch.tensor(lam), index, torch.tensor(False))
+        _, want, _ = model._mix(x, z, 0.5, index, lam, index, False, False)
+        _, got, _ = model._mix(x, z, 0.5, index, torch.tensor(lam), index, torch.tensor(False), False)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
@@ -228,7 +228,7 @@ def test_ema_update_with_a_tensor_weight_matches_lerp():
 def test_ema_weight_is_computed_in_double_precision():
     """1 - 0.999999 in fp32 is 1.3% off; the static EMA weight is 1 - m taken on the host."""
     model = make("automix")
-    model.momentum = model.momentum_end = 0.999999
+    model.ema_momentum = model.ema_end = 0.999999
     w = model.step_scalars(5, 10)["ema_weight"]
     assert isinstance(w, float) and abs(w - 1e-6) < 1e-15
     assert torch.tensor(w).item() == pytest.approx(1e-6, rel=1e-6)

@@ -1,0 +1,238 @@
+"""Argument checks of the three fused ops, shared by the eager twins (``fastmix.functional``)
+and the Triton launchers (``kernels/``), so both refuse the same inputs with the same message.
+
+Host metadata only: no check reads a CUDA tensor's values (that would sync the device). An
+index's range is read on the CPU and asserted on the device (``check_index``). Triton-free.
+"""
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MASK_DTYPES = FLOAT_DTYPES + (torch.float64,)
+INDEX_DTYPES = (torch.int64, torch.int32)
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+def describe(t):
+    """``shape (..)`` of a tensor, else the type name: for error messages."""
+    return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def scalar_tensor(value, device, dtype=torch.float32):
+    """A 0-d device tensor from a Python number or a 0-d tensor, without a host sync."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"expected a scalar or 0-d tensor, got shape {tuple(value.shape)}")
+        return value.to(device=device, dtype=dtype)
+    return torch.full((), float(value), dtype=dtype, device=device)
+
+
+def check_scalar(name, value, device, ref, unit_range=False):
+    """A Python real or a 0-d tensor (float or int, no grad, on ``device`` or the CPU).
+
+    ``unit_range``: a Python value must lie in [0, 1] (λ); a tensor is never read."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a Python float or a 0-d tensor, "
+                             f"got a tensor of shape {tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in INDEX_DTYPES):
+            raise TypeError(f"{name} tensor must be floating point, got {value.dtype}")
+        if value.requires_grad:
+            raise ValueError(f"{name} must not require grad: the op treats it as a constant "
+                             f"(pass {name}.detach())")
+        if value.device != device and value.device.type != "cpu":
+            raise ValueError(f"{name} is on {value.device} but {ref} is on {device}")
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a Python float or a 0-d tensor, "
+                        f"got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if unit_range and not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1], got {value}")
+
+
+def check_lam(lam, device=None, ref="the input", name="lam"):
+    """λ: a Python float in [0, 1] or a 0-d tensor (not read: that would sync the device)."""
+    if isinstance(lam, torch.Tensor) and device is None:
+        device = lam.device
+    check_scalar(name, lam, device, ref, unit_range=True)
+
+
+def check_index(name, t, n, device, ref, high=None):
+    """Validate an index/label tensor: a 1-d int64/int32 tensor of length ``n`` on ``device``
+    (``ref`` names the tensor it must match), with values in ``[0, high)`` (``high``: ``n``
+    unless given). The range is where a kernel would otherwise read out of bounds and return
+    NaN or garbage, while the eager op raises: on the CPU it is read and an out-of-range value
+    raises ``IndexError`` as eager PyTorch does; on CUDA it is a device-side assert
+    (``torch._assert_async``), as eager CUDA ops do, with no host sync."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of indices, got {type(t).__name__}")
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{name} must be an int64 (or int32) integer tensor, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape [N] = [{n}] (a 1-d tensor of length N={n}) "
+                         f"to match {ref}, got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but {ref} is on {device}")
+    high = n if high is None else high
+    if t.numel() == 0:
+        return
+    if t.device.type == "cuda":
+        torch._assert_async(((t >= 0) & (t < high)).all(),
+                            f"{name}: a value lies outside [0, {high})")
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= high:
+        raise IndexError(f"{name}: values must lie in [0, {high}) ({ref}), found "
+                         f"{lo if lo < 0 else hi}")
+
+
+def _check_float(name, t, eager):
+    """The kernels take fp32/fp16/bf16; the eager twins also take float64."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (MASK_DTYPES if eager else FLOAT_DTYPES):
+        raise TypeError(f"{name} must be float32, float16 or bfloat16"
+                        f"{' (or float64, eager)' if eager else ''}, got {t.dtype}")
+
+
+# ---- mixed cross-entropy -------------------------------------------------------------------
+def check_cross_entropy(logits, target_a, target_b, lam, label_smoothing, eager=False):
+    _check_float("logits", logits, eager)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, K], got shape {tuple(logits.shape)}")
+    n, k = logits.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"logits must be non-empty [N, K], got shape {tuple(logits.shape)}")
+    classes = f"the {k} classes of logits"
+    check_index("target_a", target_a, n, logits.device, classes, high=k)
+    if target_b is not None:
+        check_index("target_b", target_b, n, logits.device, classes, high=k)
+    check_lam(lam, logits.device, "logits")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a Python float, "
+                        f"got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+# ---- Mix Block attention -------------------------------------------------------------------
+def check_attention(qk, v, index, q_bias, k_bias, v_bias, scale, eager=False):
+    _check_float("qk", qk, eager)
+    if qk.dim() != 3:
+        raise ValueError(f"qk must be 3-D [N, L, D], got shape {tuple(qk.shape)}")
+    N, L, D = qk.shape
+    if L == 0 or D == 0:
+        raise ValueError(f"qk must have L > 0 and D > 0, got shape {tuple(qk.shape)}")
+    dev = qk.device
+    _check_float("v", v, eager)
+    if v.dim() != 2 or tuple(v.shape) != (N, L):
+        raise ValueError(f"v must have shape [N, L] = [{N}, {L}] to match qk, "
+                         f"got {tuple(v.shape)}")
+    if v.device != dev:
+        raise ValueError(f"v is on {v.device} but qk is on {dev}")
+    check_index("index", index, N, dev, "qk")
+    for name, b in (("q_bias", q_bias), ("k_bias", k_bias)):
+        if b is None:
+            continue
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"{name} must be None or a [D] tensor, got {type(b).__name__}")
+        if tuple(b.shape) != (D,):
+            raise ValueError(f"{name} must have shape [D] = [{D}], got {tuple(b.shape)}")
+        if not b.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {b.dtype}")
+        if b.device != dev:
+            raise ValueError(f"{name} is on {b.device} but qk is on {dev}")
+    if v_bias is not None:   # a 0-d tensor may require grad (the λ column's weight)
+        if isinstance(v_bias, torch.Tensor):
+            if v_bias.dim() != 0:
+                raise ValueError(f"v_bias must be None, a Python float or a 0-d tensor, "
+                                 f"got a tensor of shape {tuple(v_bias.shape)}")
+            if not v_bias.is_floating_point():
+                raise TypeError(f"v_bias must be floating point, got {v_bias.dtype}")
+            if v_bias.device != dev and v_bias.device.type != "cpu":
+                raise ValueError(f"v_bias is on {v_bias.device} but qk is on {dev}")
+        elif isinstance(v_bias, bool) or not isinstance(v_bias, numbers.Real):
+            raise TypeError(f"v_bias must be None, a Python float or a 0-d tensor, "
+                            f"got {type(v_bias).__name__}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise TypeError(f"scale must be None or a Python float, got {type(scale).__name__}")
+        if not math.isfinite(float(scale)):
+            raise ValueError(f"scale must be finite, got {scale}")
+
+
+def attention_scale(scale, D):
+    return 1.0 / math.sqrt(D) if scale is None else float(scale)
+
+
+# ---- mask mix ------------------------------------------------------------------------------
+def _check_images(x):
+    _check_float("x", x, eager=False)
+    if x.dim() != 4:
+        raise ValueError(f"x must be a 4-D image batch [N, C, H, W], got shape {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x must be non-empty, got shape {tuple(x.shape)}")
+    per_image = x.numel() // x.shape[0]
+    if per_image >= 2 ** 31:
+        raise ValueError(f"one image of x has {per_image} elements; at most 2**31 - 1")
+
+
+def _check_mask(name, m, x):
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(m).__name__}")
+    if m.dim() != 4:
+        raise ValueError(f"{name} must be 4-D [N, 1, h, w], got shape {tuple(m.shape)}")
+    if m.dtype not in MASK_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {m.dtype}")
+    if m.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} has {m.shape[0]} samples but x has {x.shape[0]}")
+    if m.shape[1] != 1:
+        raise ValueError(f"{name} must have one channel [N, 1, h, w], got {m.shape[1]}")
+    h, w = m.shape[2:]
+    height, width = x.shape[2:]
+    if h == 0 or w == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {tuple(m.shape)}")
+    if h > height or w > width:
+        raise ValueError(f"{name} ({h}x{w}) must not be larger than the images "
+                         f"({height}x{width}): the mask is upsampled, never downsampled")
+    if m.device != x.device:
+        raise ValueError(f"{name} is on {m.device} but x is on {x.device}")
+
+
+def _check_source(mask_name, m, lam_name, lam, x):
+    if (m is None) == (lam is None):
+        raise ValueError(f"pass exactly one of {mask_name} (a mask) or {lam_name} "
+                         f"(a constant mix), got {'both' if m is not None else 'neither'}")
+    if m is not None:
+        _check_mask(mask_name, m, x)
+    else:
+        check_lam(lam, x.device, "x", lam_name)
+
+
+def check_upsample_mode(mode):
+    if mode not in UPSAMPLE_MODES:
+        raise ValueError(f"mode must be 'nearest' or 'bilinear', got {mode!r}")
+
+
+def check_mix(x, index, mask_logits, lam, mode):
+    """``mix_images``: a mask or a constant λ for one partner ``index``."""
+    _check_images(x)
+    check_index("index", index, x.shape[0], x.device, "x")
+    _check_source("mask_logits", mask_logits, "lam", lam, x)
+    check_upsample_mode(mode)
+
+
+def check_mix_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode):
+    """``mix_images_pair``: a masked mix (a) and a masked or constant mix (b)."""
+    _check_images(x)
+    check_index("index_a", index_a, x.shape[0], x.device, "x")
+    if mask_logits_a is None:
+        raise ValueError("mix_images_pair needs mask_logits_a (the first mix is always masked)")
+    _check_mask("mask_logits_a", mask_logits_a, x)
+    check_index("index_b", index_b, x.shape[0], x.device, "x")
+    _check_source("mask_logits_b", mask_logits_b, "lam_b", lam_b, x)
+    check_upsample_mode(mode)
