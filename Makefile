@@ -15,7 +15,7 @@ TRITON_SPEC ?= $(if $(HAS_GPU),,triton==3.7.1)
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test setup data bench bench-data study clean
+.PHONY: train test setup data bench bench-data study gpu-aot selfcheck clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,15 @@ study: setup data
 
 bench: setup
 	$(PY) bench/kernels.py
+
+# Compile every kernel configuration for sm_80 / sm_90 / sm_100 without a GPU (Triton's compiler
+# and ptxas); the resource table goes to bench/gpu_aot_table.md, its summary to bench/RESULTS.md.
+gpu-aot: setup
+	env -u TRITON_INTERPRET $(PY) bench/gpu_aot.py --full --markdown bench/gpu_aot_table.md --results bench/RESULTS.md
+
+# The first-run self-check: fused kernels against their eager twins (and timings on a GPU).
+selfcheck: setup
+	mkdir -p runs && $(PY) -m fastmix.selfcheck --out runs/selfcheck.json
 
 bench-data: setup data
 	$(PY) -m fastmix.data.export --dataset fashion-mnist --out runs/fm-imagefolder --limit 2000 --overwrite

@@ -15,6 +15,7 @@ setup(
     python_requires=">=3.10",
     packages=["fastmix", "fastmix.data", "fastmix.kernels"],
     package_dir={"fastmix": "fastmix", "fastmix.kernels": "kernels"},
+    package_data={"fastmix.kernels": ["autotune_spills.json"]},
     py_modules=[],
     install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
     extras_require={

@@ -25,7 +25,7 @@ import torch
 
 from fastmix.backbones import ClsHead
 from fastmix.method import MixMethod
-from fastmix.functional import mixed_cross_entropy, mix_images_pair, upsample_mask, use_fused
+from fastmix.functional import mixed_cross_entropy, mix_images_pair, upsample_mask
 from fastmix.mixblock import MixBlock
 from fastmix import schedules
 
@@ -104,7 +104,7 @@ class AutoMix(MixMethod):
             z = (self.backbone_k(x, stop_at_stage3=True)[0] if self.k_early_exit
                  else _stage3_and_final(self.backbone_k(x))[0])
         x_mb, x_bb, m_mb = self._mix(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback,
-                                     use_fused(x, self.fused))
+                                     self.fused)
         loss_mask = self.mask_loss_weight * self.mix_block.mask_loss(m_mb, lam_mb)
 
         ce = self._mixed_ce
@@ -131,7 +131,8 @@ class AutoMix(MixMethod):
     def _mix(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback, fused):
         """Both mixed batches and the MB mask: the Mix Block projects z once, attends twice
         (the BB mask without a graph) and one mix makes both batches (``fused``: the Triton
-        kernels, else their eager twins, which upsample the masks to full resolution)."""
+        kernels, else their eager twins, which upsample the masks to full resolution; None:
+        each op's own default, see ``fastmix.functional.use_fused``)."""
         mb, hw, size = self.mix_block, z.shape[-2:], x.shape[-2:]
         qk, v = mb.project(z)
         logits_mb = mb.mask_logits(z, lam_mb, index_mb, projected=(qk, v), fused=fused)

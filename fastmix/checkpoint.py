@@ -91,7 +91,7 @@ TRAINING_KEYS = ("model", "optimizer", "scaler", "epoch", "batch", "step", "hist
 # Settings a resumed run may change: where and how it runs, not what it computes.
 RESUME_MAY_CHANGE = {"resume", "overwrite", "out", "data_dir", "device", "progress", "log_every",
                      "checkpoint_every", "grid_every", "export", "export_head", "max_bad_steps",
-                     "workers", "compile", "eager", "cuda_graphs", "optimizer_impl"}
+                     "workers", "compile", "eager", "selfcheck", "cuda_graphs", "optimizer_impl"}
 
 
 def load_training_checkpoint(path, cfg, world):

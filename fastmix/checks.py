@@ -21,11 +21,21 @@ def describe(t):
 
 
 def scalar_tensor(value, device, dtype=torch.float32):
-    """A 0-d device tensor from a Python number or a 0-d tensor, without a host sync."""
+    """A 0-d tensor on ``device`` from a Python number or a 0-d tensor, without a host sync.
+
+    A tensor on ``device`` is cast there. A CPU tensor bound for an accelerator is read on the
+    host (host memory: no device sync) and filled on the device, not copied: a pageable
+    host-to-device copy waits for the stream and is illegal inside a CUDA graph capture. (In
+    a capture the fill's value is recorded: pass a device tensor to change it between replays,
+    as ``CUDAGraphStep`` does.)"""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"expected a scalar or 0-d tensor, got shape {tuple(value.shape)}")
-        return value.to(device=device, dtype=dtype)
+        device = torch.device(device)
+        if value.device.type == "cpu" and device.type != "cpu" and not value.requires_grad:
+            value = float(value)
+        else:
+            return value.to(device=device, dtype=dtype)
     return torch.full((), float(value), dtype=dtype, device=device)
 
 

@@ -94,6 +94,9 @@ class Config:
     log_every: int = opt(50, "read the logged sums (progress bar, bad-step check) every N steps")
     # speed
     eager: bool = opt(False, "eager PyTorch ops instead of the fused Triton kernels", kind="switch")
+    selfcheck: bool = opt(None, "check each fused kernel against its eager twin at start and run "
+                          "the ones that fail eager, with a warning (default: on CUDA; on the "
+                          "CPU it needs TRITON_INTERPRET=1)", kind="pair")
     amp: str = opt("auto", "autocast precision (auto: bf16 on CUDA, none on CPU; fp16 adds a "
                    "GradScaler)", choices=("auto", "bf16", "fp16", "none"))
     channels_last: bool = opt(True, "channels-last memory format end to end", kind="bool")

@@ -11,6 +11,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import torch
@@ -23,6 +24,7 @@ from fastmix.checkpoint import (CheckpointError, atomic_save, export_classifier,
                                 unwritable_reason)
 from fastmix.config import DEFAULT_ALPHA, METHODS, Config, validate_config  # noqa: F401
 from fastmix.data import TensorLoader, load_dataset
+from fastmix.functional import FUSED_OPS, set_op_paths, use_fused
 from fastmix.mixup import MixupClassifier
 from fastmix.runtime import autocast_context, init_distributed, resolve_device, resolve_runtime
 from fastmix.schedules import cosine
@@ -380,9 +382,48 @@ def summarize(history, model, cfg, wall_time):
             "wall_time_s": wall_time, "config": asdict(cfg)}
 
 
+def select_op_paths(cfg, device, rank):
+    """The path each fused op takes in this run and why: ``{op: {"path", "reason"}}``.
+
+    With the self-check (on CUDA unless ``--no-selfcheck``; on the CPU with ``--selfcheck``,
+    under the interpreter) each fused op is first compared with its eager twin
+    (``fastmix.selfcheck.check_ops``, report in OUT/selfcheck.json); one that raises or
+    disagrees runs as its eager twin for the whole run, with one warning."""
+    if cfg.eager:
+        return {op: {"path": "eager", "reason": "--eager"} for op in FUSED_OPS}
+    if not (device.type == "cuda" if cfg.selfcheck is None else cfg.selfcheck):
+        path = "fused" if use_fused(torch.empty(0, device=device)) else "eager"
+        reason = "--no-selfcheck" if cfg.selfcheck is False else "no CUDA device: the eager twins"
+        return {op: {"path": path, "reason": reason} for op in FUSED_OPS}
+    from fastmix import selfcheck
+    ops = selfcheck.check_ops(device)
+    report = os.path.join(cfg.out, "selfcheck.json" if rank == 0 else f"selfcheck.rank{rank}.json")
+    selfcheck.write_report({"environment": selfcheck.environment(device), "ops": ops}, report)
+    paths = {}
+    for op, r in ops.items():
+        if r["ok"]:
+            paths[op] = {"path": "fused", "reason": "self-check passed"}
+            continue
+        warnings.warn(f"fastmix: the fused {op} failed its self-check against the eager twin "
+                      f"({r['error']}); this run uses the eager {op}. Details: {report}",
+                      RuntimeWarning, stacklevel=2)
+        paths[op] = {"path": "eager", "reason": f"self-check failed: {r['error']}",
+                     "report": report}
+    set_op_paths({op: p["path"] == "fused" for op, p in paths.items()})
+    return paths
+
+
 # ---- the loop ----------------------------------------------------------------------------------
 def train(cfg: Config):
     """Train ``cfg`` end to end; returns the summary dict (also written to OUT/summary.json)."""
+    previous = set_op_paths({})
+    try:
+        return _train(cfg)
+    finally:
+        set_op_paths(previous)      # the self-check's choices hold for this run only
+
+
+def _train(cfg):
     validate_config(cfg)
     rank, world, local = init_distributed()
     device = resolve_device(cfg.device)
@@ -393,6 +434,7 @@ def train(cfg: Config):
     resume_path = os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume
     state = load_training_checkpoint(resume_path, cfg, world) if cfg.resume else None
     claim_out(cfg, rank)
+    op_paths = select_op_paths(cfg, device, rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(cfg.seed + rank)  # per-rank permutations and λ, as on the official DDP
     train_loader, val_loader, test_loader, test_set, in_chans, num_classes = build_data(
@@ -433,7 +475,7 @@ def train(cfg: Config):
         ckpt.save(epoch + 1, 0, step, history)
     if progress is not None:
         progress.close()
-    return finish(cfg, model, history, time.perf_counter() - t0, rank, world)
+    return finish(cfg, model, history, time.perf_counter() - t0, rank, world, op_paths)
 
 
 class MetricsLog:
@@ -464,9 +506,9 @@ class MetricsLog:
                           device, channels_last=cfg.channels_last)
 
 
-def finish(cfg, model, history, wall_time, rank, world):
+def finish(cfg, model, history, wall_time, rank, world, op_paths):
     """summary.json and the export (rank 0); under DDP, leave the process group together."""
-    summary = summarize(history, model, cfg, wall_time)
+    summary = {**summarize(history, model, cfg, wall_time), "op_paths": op_paths}
     if rank == 0:
         with open(os.path.join(cfg.out, "summary.json"), "w") as f:
             json.dump(json_safe(summary), f, indent=2, allow_nan=False)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmix.checks import (attention_scale, check_attention, check_cross_entropy, check_mix,
-                            check_mix_pair, check_upsample_mode)
+                            check_mix_pair, check_upsample_mode, scalar_tensor)
 
 def _triton_available():
     try:
@@ -27,8 +27,17 @@ def _triton_available():
     return True
 
 
-def use_fused(tensor: torch.Tensor, fused=None) -> bool:
-    """Decide whether an op on ``tensor`` runs the fused kernel."""
+FUSED_OPS = ("mixed_cross_entropy", "mixblock_attention", "mix_images")
+_OP_PATHS = {}   # op -> fused (True / False) for this process, set by the trainer's self-check
+
+
+def use_fused(tensor: torch.Tensor, fused=None, op=None) -> bool:
+    """Decide whether an op on ``tensor`` runs the fused kernel.
+
+    ``fused=None``: the path ``set_op_paths`` chose for ``op`` if any, else the kernel on
+    CUDA (when Triton imports) and eager elsewhere."""
+    if fused is None:
+        fused = _OP_PATHS.get(op)
     if fused is None:
         return tensor.is_cuda and _triton_available()
     if fused and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
@@ -37,6 +46,18 @@ def use_fused(tensor: torch.Tensor, fused=None) -> bool:
     if fused and not _triton_available():
         raise RuntimeError("fused kernels need triton (`pip install triton`)")
     return bool(fused)
+
+
+def set_op_paths(paths):
+    """Pin each op's path for calls with ``fused=None``: ``{op: True | False}`` (an op left
+    out goes back to the default). Returns the previous setting, to restore it."""
+    unknown = set(paths) - set(FUSED_OPS)
+    if unknown:
+        raise ValueError(f"unknown fused ops {sorted(unknown)}; the ops are {FUSED_OPS}")
+    previous = dict(_OP_PATHS)
+    _OP_PATHS.clear()
+    _OP_PATHS.update({op: bool(v) for op, v in paths.items()})
+    return previous
 
 
 _NO_IGNORE = -(2 ** 62)
@@ -49,7 +70,7 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
     ``lam`` may be a Python float or a 0-d tensor (never read on the host). ``target_b=None``
     gives plain cross-entropy. Label smoothing follows ``F.cross_entropy(label_smoothing=)``.
     """
-    if use_fused(logits, fused):
+    if use_fused(logits, fused, "mixed_cross_entropy"):
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
     return mixed_cross_entropy_eager(logits, target_a, target_b, lam, label_smoothing)
@@ -68,7 +89,7 @@ def mixed_cross_entropy_eager(logits, target_a, target_b=None, lam=1.0, label_sm
     loss_b = F.cross_entropy(z, target_b.long(), label_smoothing=label_smoothing,
                              ignore_index=_NO_IGNORE)
     if isinstance(lam, torch.Tensor):
-        lam = lam.to(device=z.device, dtype=torch.float32)
+        lam = scalar_tensor(lam, z.device)
     return lam * loss_a + (1.0 - lam) * loss_b
 
 
@@ -78,7 +99,7 @@ def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scal
     """``softmax((qk + q_bias) (qk[index] + k_bias)^T * scale) @ (v[index] + v_bias)`` per
     sample, [N, L] fp32: the Mix Block's attention of each sample over its partner's
     positions (``qk`` [N, L, D] is the shared query/key projection, ``v`` [N, L])."""
-    if use_fused(qk, fused):
+    if use_fused(qk, fused, "mixblock_attention"):
         from fastmix.kernels.mixblock_attn import mixblock_attention as fused_attention
         return fused_attention(qk, v, index, q_bias, k_bias, v_bias, scale)
     return mixblock_attention_eager(qk, v, index, q_bias, k_bias, v_bias, scale)
@@ -98,7 +119,7 @@ def mixblock_attention_eager(qk, v, index, q_bias=None, k_bias=None, v_bias=None
         k = k + k_bias.float()
     if v_bias is not None:
         if isinstance(v_bias, torch.Tensor):
-            v_bias = v_bias.to(device=vv.device, dtype=torch.float32)
+            v_bias = scalar_tensor(v_bias, vv.device)
         vv = vv + v_bias
     attn = torch.bmm(q, k.transpose(1, 2)) * s          # [N, L, L]
     attn = attn.softmax(dim=-1)                          # over the partner's positions
@@ -110,7 +131,7 @@ def mix_images(x, index, mask_logits=None, lam=None, mode="nearest", fused=None)
     """Mix each image with its partner ``x[index]``: ``x * (1 - s) + x[index] * s`` with
     ``s = sigmoid(upsample(mask_logits))`` ([N, 1, h, w] logits; s weights the partner), or
     with a constant ``lam * x + (1 - lam) * x[index]`` (``lam``: the weight of x)."""
-    if use_fused(x, fused):
+    if use_fused(x, fused, "mix_images"):
         from fastmix.kernels.mask_mix import mix_images as fused_mix
         return fused_mix(x, index, mask_logits, lam, mode)
     return mix_images_eager(x, index, mask_logits, lam, mode)
@@ -121,7 +142,7 @@ def mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_
     """Both mixed batches of an AutoMix step: ``(mix_images(x, index_a, mask_logits_a),
     mix_images(x, index_b, mask_logits_b or lam_b))``; the second gets no gradient. Fused,
     one launch reads each image and its two partners once."""
-    if use_fused(x, fused):
+    if use_fused(x, fused, "mix_images"):
         from fastmix.kernels.mask_mix import mix_images_pair as fused_pair
         return fused_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
     return mix_images_pair_eager(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
@@ -140,7 +161,7 @@ def _mix_eager(x, index, mask_logits, lam, mode):
         out = xf * (1.0 - s) + xi * s
     else:
         if isinstance(lam, torch.Tensor):
-            lam = lam.to(device=x.device, dtype=torch.float32)
+            lam = scalar_tensor(lam, x.device)
         out = lam * xf + (1.0 - lam) * xi
     fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
     return out.to(dtype=x.dtype, memory_format=fmt)

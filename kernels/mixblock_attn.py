@@ -43,6 +43,9 @@ Public API:
     fastmix.functional.mixblock_attention_eager(...)   # the eager twin (same signature)
 """
 
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -277,33 +280,70 @@ def _row_block(L, lowp):
     return max(16, min(triton.next_power_of_2(L), cap))
 
 
-def _prune(tile_name, fixed_name):
-    """Configs worth timing for this (L, D, dtype).
+PRUNE_ARCH = None   # "sm_90" etc.: prune for that GPU (the compile check); None: this device
 
-    BLOCK_D no wider than the padded D, the tile no wider than the padded L, and a per-thread
-    register budget: fp32 score elements (tile x fixed / threads) and operand elements of
-    one D step ((tile + fixed) x BLOCK_D / threads). The budgets come from compiling every
-    candidate for sm_90 and keeping the ones ptxas did not spill (fp32 IEEE dots run on the
-    FMA units and need far more registers than bf16 / fp16 tensor-core dots)."""
+
+def _spilling_configs():
+    """``{arch: {launcher: {frozenset of (constexpr, value) incl. num_warps}}}``: the autotune
+    configs ptxas spilled registers for, in any dtype (kernels/autotune_spills.json, written by
+    ``python bench/gpu_aot.py --full --all-configs --spill-table``)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "autotune_spills.json")
+    with open(path) as f:
+        table = json.load(f)["spilling_configs"]
+    return {arch: {k: {frozenset(e.items()) for e in v} for k, v in per.items()}
+            for arch, per in table.items()}
+
+
+def _spilling_for(table, launcher):
+    """The launcher's spilling configs on the GPU pruned for; the union over every listed
+    architecture for one the table does not list (sm_86, sm_120, ...)."""
+    arch = PRUNE_ARCH
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability()
+        arch = f"sm_{major}{minor}"
+    if arch in table:
+        return table[arch].get(launcher, set())
+    return set().union(*(per.get(launcher, set()) for per in table.values()))
+
+
+def _prune(launcher, tile_name, fixed_name):
+    """Configs worth timing for this (L, D, dtype, flags).
+
+    BLOCK_D no wider than the padded D, the tile no wider than the padded L, a per-thread
+    register budget (fp32 score elements, tile x fixed / threads, and operand elements of one
+    D step, (tile + fixed) x BLOCK_D / threads: fp32 IEEE dots run on the FMA units and need
+    far more registers than bf16 / fp16 tensor-core dots), and none of the configs the
+    ahead-of-time compile check found spilling (``_spilling_configs``): a spilling config is
+    never timed, so it can never win on a spill-bound GPU."""
+    table = _spilling_configs()
+
     def prune(configs, named_args, **kwargs):
+        spilling = _spilling_for(table, launcher)
         args = {**named_args, **kwargs}
         L, D, fixed = args["L"], args["D"], args[fixed_name]
         score_budget, operand_budget = ((SCORE_REGS_LOWP, OPERAND_REGS_LOWP) if args["LOWP"]
                                         else (SCORE_REGS_FP32, OPERAND_REGS_FP32))
         d_cap = max(16, triton.next_power_of_2(D))
         tile_cap = max(16, triton.next_power_of_2(L))
+        flags = {k: kwargs[k] for k in ("HAS_QB", "HAS_KB", "HAS_VB", "LOWP", "COMPUTE_DK",
+                                        fixed_name) if k in kwargs}
+
+        def spills(c):
+            return frozenset({**flags, **c.kwargs, "num_warps": c.num_warps}.items()) in spilling
+
         keep = []
         for c in configs:
             tile, bd, threads = c.kwargs[tile_name], c.kwargs["BLOCK_D"], 32 * c.num_warps
-            if bd > d_cap or tile > tile_cap:
+            if bd > d_cap or tile > tile_cap or spills(c):
                 continue
             if tile * fixed > score_budget * threads:
                 continue
             if (tile + fixed) * bd > operand_budget * threads:
                 continue
             keep.append(c)
-        return keep or [min(configs, key=lambda c: (c.kwargs[tile_name], c.kwargs["BLOCK_D"],
-                                                    -c.num_warps))]
+        safe = [c for c in configs if not spills(c)] or configs
+        return keep or [min(safe, key=lambda c: (c.kwargs[tile_name], c.kwargs["BLOCK_D"],
+                                                 -c.num_warps))]
     return prune
 
 
@@ -319,15 +359,17 @@ if _common.interpreting():
 else:  # pragma: no cover - GPU only
     # Every kernel writes each output element before (possibly) reading it back, so the
     # autotuner's repeated runs need no reset.
-    _fwd_launch = triton.autotune(_configs("BLOCK_M"), key=["L", "D", "BLOCK_N"],
-                                  prune_configs_by={"early_config_prune":
-                                                    _prune("BLOCK_M", "BLOCK_N")})(_fwd_kernel)
-    _dq_launch = triton.autotune(_configs("BLOCK_M"), key=["L", "D", "BLOCK_N"],
-                                 prune_configs_by={"early_config_prune":
-                                                   _prune("BLOCK_M", "BLOCK_N")})(_bwd_dq_kernel)
-    _dk_launch = triton.autotune(_configs("BLOCK_N"), key=["L", "D", "BLOCK_M"],
-                                 prune_configs_by={"early_config_prune":
-                                                   _prune("BLOCK_N", "BLOCK_M")})(_bwd_dk_kernel)
+    # The key names every constexpr flag: each combination is a different kernel.
+    _FLAGS = ["HAS_QB", "HAS_KB", "HAS_VB", "LOWP"]
+    _fwd_launch = _common.autotune(_fwd_kernel, _configs("BLOCK_M"),
+                                   ["L", "D", "BLOCK_N"] + _FLAGS,
+                                   _prune("_fwd_launch", "BLOCK_M", "BLOCK_N"))
+    _dq_launch = _common.autotune(_bwd_dq_kernel, _configs("BLOCK_M"),
+                                  ["L", "D", "BLOCK_N"] + _FLAGS,
+                                  _prune("_dq_launch", "BLOCK_M", "BLOCK_N"))
+    _dk_launch = _common.autotune(_bwd_dk_kernel, _configs("BLOCK_N"),
+                                  ["L", "D", "BLOCK_M", "COMPUTE_DK"] + _FLAGS,
+                                  _prune("_dk_launch", "BLOCK_N", "BLOCK_M"))
 
 
 def _interp_meta(tile_name, D):

@@ -173,3 +173,36 @@ def test_presets_and_apex_option():
         with pytest.raises(ValueError, match="apex"):
             build_optimizer(cfg, torch.nn.Linear(2, 2))
     assert dataclasses.replace(cfg, optimizer_impl="torch")
+
+
+@pytest.mark.slow
+def test_compiled_automix_step_on_cpu_matches_eager_and_stops_recompiling():
+    """--compile on the CPU path: the engine's own step (AutoMix, backbones compiled by
+    Inductor) trains like the eager step, and after the warm-up steps nothing recompiles."""
+    from torch._dynamo.utils import counters
+    from fastmix.engine import build_step, build_training, resolve_runtime
+    torch._dynamo.reset()
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.randint(0, 10, (8,))
+    runs = {}
+    for compiled in (False, True):
+        cfg = resolve_runtime(Config(method="automix", arch="resnet_small", device="cpu",
+                                     compile=compiled, channels_last=False, seed=3),
+                              torch.device("cpu"))
+        torch.manual_seed(0)          # the same initial weights
+        model, opt, scaler = build_training(cfg, torch.device("cpu"), 3, 10)
+        step_fn, _ = build_step(cfg, model, opt, scaler, torch.device("cpu"))
+        losses, compiles = [], []
+        for s in range(5):
+            torch.manual_seed(s)
+            loss, _, _ = step_fn(x, y, s, 100)
+            losses.append(loss)
+            compiles.append(counters["stats"]["unique_graphs"])
+        runs[compiled] = (torch.stack(losses), [p.detach().clone() for p in model.parameters()],
+                          compiles)
+    (le, pe, _), (lc, pc, compiles) = runs[False], runs[True]
+    torch.testing.assert_close(lc, le, rtol=1e-4, atol=1e-5)
+    for a, b in zip(pc, pe):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+    assert compiles[1] > 0, "nothing was compiled"
+    assert compiles[-1] == compiles[1], f"recompiled after the warm-up: graphs per step {compiles}"

@@ -1,0 +1,106 @@
+"""The first-run self-check (fastmix.selfcheck) and the trainer's fallback to an eager twin.
+
+On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
+conftest.py), so the same code that guards a user's first GPU run is exercised here."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fastmix import functional as Fn
+from fastmix import selfcheck
+from fastmix.engine import Config, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+def test_report_on_cpu_covers_every_op_dtype_and_steps(tmp_path):
+    out = tmp_path / "report.json"
+    report = selfcheck.run(CPU, str(out))
+    assert report["ok"], report
+    saved = json.loads(out.read_text())
+    assert set(saved["ops"]) == set(Fn.FUSED_OPS)
+    for op, r in saved["ops"].items():
+        assert r["ok"] and r["error"] is None, op
+        assert {c["dtype"] for c in r["cases"]} == {"float32", "float16"}, op
+        assert all(0.0 <= c["max_rel_err"] <= selfcheck.TOLERANCE[torch.float16]
+                   for c in r["cases"]), op
+    assert saved["steps"]["ok"] and saved["steps"]["steps"] == 2
+    assert "skipped" in saved["timing"]          # interpreter timings would mean nothing
+    assert saved["environment"]["torch"] == torch.__version__
+
+
+def test_a_wrong_kernel_and_a_raising_kernel_fail_the_check(monkeypatch):
+    from fastmix.kernels import mask_mix, mixed_ce
+    good = mixed_ce.mixed_cross_entropy
+    monkeypatch.setattr(mixed_ce, "mixed_cross_entropy",
+                        lambda *a, **k: good(*a, **k) * 1.01)        # 1% off
+
+    def broken(*a, **k):
+        raise RuntimeError("PTX JIT compilation failed")             # as a driver would say
+    monkeypatch.setattr(mask_mix, "mix_images_pair", broken)
+    ops = selfcheck.check_ops(CPU)
+    assert not ops["mixed_cross_entropy"]["ok"]
+    assert "relative error" in ops["mixed_cross_entropy"]["error"]
+    assert not ops["mix_images"]["ok"]
+    assert "PTX JIT compilation failed" in ops["mix_images"]["error"]
+    assert ops["mixblock_attention"]["ok"]
+
+
+def test_cli_exit_status_and_report(tmp_path):
+    out = tmp_path / "sc.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, "-m", "fastmix.selfcheck", "--device", "cpu", "--out",
+                        str(out), "--no-steps"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "mixblock_attention" in r.stdout and "FAIL" not in r.stdout
+    assert json.loads(out.read_text())["ok"] is True
+
+
+def _tiny(out, **kw):
+    return Config(method="automix", arch="resnet_small", dataset="synthetic", epochs=1,
+                  batch_size=20, train_subset=40, test_subset=20, device="cpu", out=str(out),
+                  progress=False, channels_last=False, **kw)
+
+
+def test_training_falls_back_to_the_eager_twin_of_a_failing_op(tmp_path, monkeypatch):
+    from fastmix.kernels import mask_mix
+
+    def broken(*a, **k):
+        raise RuntimeError("illegal memory access")
+    monkeypatch.setattr(mask_mix, "mix_images_pair", broken)
+    with pytest.warns(RuntimeWarning, match=r"fused mix_images failed its self-check.*"
+                                            r"uses the eager mix_images.*selfcheck\.json"):
+        summary = train(_tiny(tmp_path, selfcheck=True))
+    paths = summary["op_paths"]
+    assert paths["mix_images"]["path"] == "eager"
+    assert "illegal memory access" in paths["mix_images"]["reason"]
+    # the ops that passed ran fused (under the interpreter) for the whole run
+    assert paths["mixed_cross_entropy"]["path"] == paths["mixblock_attention"]["path"] == "fused"
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["op_paths"] == paths and saved["epochs"] == 1
+    report = json.loads((tmp_path / "selfcheck.json").read_text())
+    assert report["ops"]["mix_images"]["ok"] is False
+    assert Fn._OP_PATHS == {}          # the choice does not outlive the run
+
+
+def test_no_selfcheck_on_the_cpu_by_default_and_eager_paths_recorded(tmp_path):
+    summary = train(_tiny(tmp_path))
+    assert {p["path"] for p in summary["op_paths"].values()} == {"eager"}
+    assert not (tmp_path / "selfcheck.json").exists()
+    summary = train(_tiny(tmp_path / "e", eager=True))
+    assert {p["reason"] for p in summary["op_paths"].values()} == {"--eager"}
+
+
+@pytest.mark.gpu
+def test_selfcheck_on_cuda(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    report = selfcheck.run(torch.device("cuda"), str(tmp_path / "sc.json"))
+    assert report["ok"], json.dumps(report, default=str)[:4000]
+    assert all("fused_ms" in row for row in report["timing"].values())
