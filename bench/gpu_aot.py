@@ -298,9 +298,10 @@ SPILL_TABLE = os.path.join(ROOT, "kernels", "autotune_spills.json")
 
 
 def write_spill_table(rows, archs, command):
-    """The autotuned configs ptxas spilled registers for, per architecture, in any dtype:
-    ``{"sm_90": {launcher: [{constexpr: value, ..., "num_warps": w}, ...]}, ...}``, read by
-    the kernels' pruning (``kernels/mixblock_attn._prune``) so no spilling config is timed."""
+    """The autotuned configs ptxas spilled registers for, per triton version and architecture,
+    in any dtype: ``{"3.7.1": {"sm_90": {launcher: [{constexpr: value, ..., "num_warps": w},
+    ...]}}}``, read by the kernels' pruning (``kernels/mixblock_attn._prune``) so no spilling
+    config is timed. This run's triton version replaces its entry; the others are kept."""
     table = {f"sm_{a}": {} for a in archs}
     for r in rows:
         if not r.get("spills") or "stages=" not in r["config"]:   # autotuned kernels only
@@ -312,17 +313,27 @@ def write_spill_table(rows, archs, command):
         entries = table[r["arch"]].setdefault(r["kernel"].split(".")[-1], [])
         if entry not in entries:
             entries.append(entry)
-    head = {"command": command, "triton": triton.__version__}
-    with open(SPILL_TABLE, "w") as f:     # one config a line, so a diff reads
-        f.write(json.dumps(head)[:-1] + ', "spilling_configs": {\n')
-        f.write(",\n".join(
-            f'  "{arch}": {{\n' + ",\n".join(
-                f"    {json.dumps(k)}: [\n" + ",\n".join(
-                    "      " + json.dumps(e, sort_keys=True)
-                    for e in sorted(v, key=lambda e: sorted(e.items()))) + "\n    ]"
-                for k, v in sorted(per.items())) + "\n  }"
-            for arch, per in sorted(table.items())))
+    try:                                  # other triton versions' tables are kept
+        with open(SPILL_TABLE) as f:
+            versions = json.load(f)["spilling_configs"]
+    except (OSError, ValueError, KeyError):
+        versions = {}
+    versions[triton.__version__] = table
+
+    def lines(per_arch, pad):             # one config a line, so a diff reads
+        return ",\n".join(
+            f'{pad}"{arch}": {{\n' + ",\n".join(
+                f"{pad}  {json.dumps(k)}: [\n" + ",\n".join(
+                    f"{pad}    " + json.dumps(e, sort_keys=True)
+                    for e in sorted(v, key=lambda e: sorted(e.items()))) + f"\n{pad}  ]"
+                for k, v in sorted(per.items())) + f"\n{pad}}}"
+            for arch, per in sorted(per_arch.items()))
+    with open(SPILL_TABLE + ".tmp", "w") as f:
+        f.write(json.dumps({"command": command})[:-1] + ', "spilling_configs": {\n')
+        f.write(",\n".join(f'  "{v}": {{\n' + lines(per_arch, "    ") + "\n  }"
+                           for v, per_arch in sorted(versions.items())))
         f.write("\n}}\n")
+    os.replace(SPILL_TABLE + ".tmp", SPILL_TABLE)
     print(f"wrote {SPILL_TABLE}: " + "; ".join(
         f"{arch} " + ", ".join(f"{k} {len(v)}" for k, v in sorted(per.items()))
         for arch, per in sorted(table.items())))

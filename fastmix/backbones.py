@@ -8,7 +8,8 @@ and the last feature map the classifier heads pool. It carries ``out_channels =
 (ImageNet-style stems) with ``strict=False`` only missing ``fc``.
 
 Any other CNN plugs in through :class:`FeatureTap` (pick two submodules by name) or
-``timm:<model_name>`` (``timm.create_model(..., features_only=True)``).
+``timm:<model_name>`` (``timm.create_model(..., features_only=True, out_indices=(-2, -1))``:
+the last two stages).
 """
 import torch
 import torch.nn as nn
@@ -162,9 +163,16 @@ def _keep_output(module, _inputs, output):
 
 
 class TimmBackbone(nn.Module):
-    """``timm.create_model(name, features_only=True)``, tapping two stages (default 2 and 3)."""
+    """``timm.create_model(name, features_only=True)``, tapping the last two stages.
 
-    def __init__(self, name, in_chans=3, out_indices=(2, 3), pretrained=False, **kwargs):
+    ``out_indices=(-2, -1)``: timm counts its stem as feature 0, so (2, 3) would be a ResNet's
+    ``layer2``/``layer3`` and ``layer4`` would never be built. (-2, -1) is the spec's
+    (stage 3, stage 4) of a ResNet (``layer3``/``layer4``) and the last two stages of any
+    family (EfficientNet ``blocks.4``/``blocks.6``, ConvNeXt ``stages.2``/``stages.3``, ...;
+    ``tests/test_peers.py`` asserts each tested family's). ``pretrained`` stays False unless
+    asked: fastmix never fetches weights on its own."""
+
+    def __init__(self, name, in_chans=3, out_indices=(-2, -1), pretrained=False, **kwargs):
         super().__init__()
         try:
             import timm

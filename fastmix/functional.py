@@ -222,8 +222,13 @@ def random_permutation(n, device, generator=None, no_fixed_points=False):
 
 
 def cutmix_box(height, width, lam, rng):
-    """A CutMix box for a target λ, as in the CutMix paper and timm: side ratio sqrt(1 - λ),
-    centre uniform over the image, clipped at the border.
+    """A CutMix box for a target λ, as in the CutMix paper: side ratio sqrt(1 - λ), centre
+    uniform over the image, half-sides ``cut // 2`` on both sides, clipped at the border.
+
+    For the same λ and centre this is torchvision's ``v2.CutMix`` box and λ exactly. timm's
+    ``rand_bbox`` puts the upper edges at ``centre + (cut + 1) // 2``, one pixel further when
+    the cut is odd; its λ correction (``correct_lam=True``) is the same formula
+    (``tests/test_peers.py``).
 
     ``rng`` is a ``numpy.random.Generator``. Returns ``(y0, y1, x0, x1, lam_adjusted)`` with
     ``lam_adjusted = 1 - box area / image area`` (the λ the labels must use). Host-side

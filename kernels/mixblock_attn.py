@@ -285,13 +285,21 @@ PRUNE_ARCH = None   # "sm_90" etc.: prune for that GPU (the compile check); None
 
 def _spilling_configs():
     """``{arch: {launcher: {frozenset of (constexpr, value) incl. num_warps}}}``: the autotune
-    configs ptxas spilled registers for, in any dtype (kernels/autotune_spills.json, written by
-    ``python bench/gpu_aot.py --full --all-configs --spill-table``)."""
+    configs ptxas spilled registers for, in any dtype, under this triton version
+    (kernels/autotune_spills.json, written by ``python bench/gpu_aot.py --full --all-configs
+    --spill-table``; for a triton version it does not list, the union over the listed ones)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "autotune_spills.json")
     with open(path) as f:
-        table = json.load(f)["spilling_configs"]
-    return {arch: {k: {frozenset(e.items()) for e in v} for k, v in per.items()}
-            for arch, per in table.items()}
+        versions = json.load(f)["spilling_configs"]
+    chosen = [versions[triton.__version__]] if triton.__version__ in versions else \
+        list(versions.values())
+    table = {}
+    for per_arch in chosen:
+        for arch, per in per_arch.items():
+            for launcher, entries in per.items():
+                table.setdefault(arch, {}).setdefault(launcher, set()).update(
+                    frozenset(e.items()) for e in entries)
+    return table
 
 
 def _spilling_for(table, launcher):

@@ -13,11 +13,19 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import pytest  # noqa: E402
+import importlib.util  # noqa: E402
+
+# The torchvision / timm tests run in the second venv (`make test-models`); the main venv
+# cannot import torchvision, so there they are not collected at all (rather than skipped).
+collect_ignore = [] if all(importlib.util.find_spec(m) for m in ("torchvision", "timm")) \
+    else ["test_peers.py"]
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: end-to-end runs of more than a few seconds")
+    config.addinivalue_line("markers", "models: needs torchvision and timm (`make test-models` "
+                                       "runs them in a second venv)")
 
 
 def pytest_collection_modifyitems(config, items):
