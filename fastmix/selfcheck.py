@@ -14,6 +14,7 @@ records the path each op took (``op_paths``). On the CPU the kernels run under t
 interpreter (``TRITON_INTERPRET=1``) at small shapes: that is how CI tests this module.
 """
 import argparse
+import functools
 import json
 import os
 import platform
@@ -100,11 +101,11 @@ def _cases(device, dtype, small):
     return {op: [(fns[op], make) for make in makers] for op, makers in shapes.items()}
 
 
-def _run(fn, fused, args, kwargs):
+def _run(fn, args, kwargs):
     """Outputs and input gradients of fn(*args) (a scalar-weighted sum of the outputs)."""
     args = [a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
             else a for a in args]
-    out = fn(*args, **kwargs, fused=fused)
+    out = fn(*args, **kwargs)
     outs = out if isinstance(out, tuple) else (out,)
     loss = sum((o.float() * (i + 1) / o.numel()).sum() for i, o in enumerate(outs)
                if o.requires_grad)
@@ -144,8 +145,8 @@ def check_ops(device, dtypes=None, small=None):
                     case = {"dtype": str(dtype).replace("torch.", ""),
                             "shape": [list(a.shape) for a in args[:1]]}
                     try:
-                        want = _run(fn, False, args, kwargs)
-                        got = _run(fn, True, args, kwargs)
+                        want = _run(functools.partial(fn, fused=False), args, kwargs)
+                        got = _run(functools.partial(fn, fused=True), args, kwargs)
                         err = max(_rel_err(g, w) for g, w in zip(got, want))
                         case["max_rel_err"] = err
                         case["ok"] = err <= TOLERANCE[dtype] and len(got) == len(want)
@@ -212,14 +213,13 @@ def time_ops(device):
     for op, cases in _cases(device, torch.bfloat16, small=False).items():
         fn, make = cases[0]
         args, kwargs = make()
-        eager = lambda *a, **k: fn(*a, **k, fused=False)  # noqa: E731
+        eager = functools.partial(fn, fused=False)
         impls = {"eager": eager, "compile": torch.compile(eager),
-                 "fused": lambda *a, **k: fn(*a, **k, fused=True)}
+                 "fused": functools.partial(fn, fused=True)}
         row = {}
         for name, impl in impls.items():
             try:
-                row[name + "_ms"] = do_bench(lambda: _run(lambda *a, fused, **k: impl(*a, **k),
-                                                          None, args, kwargs))
+                row[name + "_ms"] = do_bench(lambda: _run(impl, args, kwargs))
             except Exception as e:
                 row[name + "_error"] = f"{type(e).__name__}: {e}"
         if "fused_ms" in row and "eager_ms" in row:
