@@ -79,9 +79,10 @@ gpu-aot: setup
 selfcheck: setup
 	mkdir -p runs && $(PY) -m fastmix.selfcheck --out runs/selfcheck.json
 
-bench-data: setup data
-	$(PY) -m fastmix.data.export --dataset fashion-mnist --out runs/fm-imagefolder --limit 2000 --overwrite
-	$(PY) bench/data.py --data-dir runs/fm-imagefolder
+# DALI (CPU or GPU), torchvision.io and PIL in one run: the torchvision venv, with DALI added.
+bench-data: setup-models
+	$(PY_MODELS) -m pip install -q -e ".[dali]"
+	$(PY_MODELS) bench/data.py --data-dir runs/photo-jpegs --synthetic 512
 
 clean:
 	rm -rf $(VENV) $(VENV_MODELS) runs .pytest_cache *.egg-info

@@ -64,6 +64,9 @@ class Config:
     # data
     loader: str = opt("auto", "imagefolder loader: DALI (nvJPEG on CUDA) or the PIL fallback; "
                       "auto = DALI when it imports", choices=("auto", "dali", "torchvision"))
+    decoder: str = opt("auto", "--loader torchvision: decode with torchvision.io (nvJPEG on "
+                       "CUDA) or PIL; auto = torchvision.io when torchvision imports",
+                       choices=("auto", "pil", "torchvision"))
     image_size: int = opt(224, "imagefolder crop size")
     workers: int = opt(None, "imagefolder: DALI threads / DataLoader workers (default min(8, cores))")
     verify_images: str = opt("header", "imagefolder pre-scan: header (signature and end marker, "

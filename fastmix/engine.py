@@ -139,7 +139,7 @@ def _imagefolder_data(cfg, device, rank, world):
         raise ValueError("--val-split carves a validation set out of a tensor dataset; for "
                          "--dataset imagefolder hold one out on disk instead")
     from fastmix.data.imagefolder import build_imagefolder_loader, split_overlap
-    kw = dict(loader=cfg.loader, device=device, size=cfg.image_size, seed=cfg.seed,
+    kw = dict(loader=cfg.loader, decoder=cfg.decoder, device=device, size=cfg.image_size, seed=cfg.seed,
               shard=(rank, world), channels_last=cfg.channels_last, num_workers=cfg.workers,
               quiet=rank != 0, verify={"none": False}.get(cfg.verify_images, cfg.verify_images))
     train = build_imagefolder_loader(cfg.data_dir, "train", cfg.batch_size, True,

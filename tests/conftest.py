@@ -18,7 +18,7 @@ import importlib.util  # noqa: E402
 # The torchvision / timm tests run in the second venv (`make test-models`); the main venv
 # cannot import torchvision, so there they are not collected at all (rather than skipped).
 collect_ignore = [] if all(importlib.util.find_spec(m) for m in ("torchvision", "timm")) \
-    else ["test_peers.py"]
+    else ["test_peers.py", "test_tv_decode.py"]
 
 
 def pytest_configure(config):

@@ -467,3 +467,14 @@ def test_export_tool_refuses_a_bad_out(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             fexport.main(["--dataset", "fashion-mnist", "--out", str(out), "--limit", "10"])
         assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("fastmix.data.imagefolder", fromlist=["x"]).torchvision_io_available()[0],
+                    reason="torchvision imports here: the refusal is for stacks without it")
+def test_torchvision_decoder_without_torchvision_is_refused_before_any_work(fm_root, tmp_path):
+    """The main venv (CPU torch 2.13.0) has no torchvision: --decoder torchvision stops with a
+    clear error before scanning, and the DataLoader loader's default decoder is PIL."""
+    with pytest.raises(ImportError, match="--decoder torchvision: torchvision does not import"):
+        build_imagefolder_loader(str(tmp_path / "missing"), "train", 4, True,
+                                 loader="torchvision", decoder="torchvision")
+    assert make("torchvision", fm_root, "val", 4, False).decoder == "pil"

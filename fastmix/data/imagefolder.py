@@ -16,11 +16,15 @@ Both loaders present :class:`fastmix.data.TensorLoader`'s interface: iteration y
   decoder) -> RandomResizedCrop + flip (train) or resize + centre crop (val) ->
   ``crop_mirror_normalize``. Everything decodes as RGB (grey, CMYK, palette and RGBA inputs
   become 3 channels).
-* :class:`TorchvisionLoader`: the same pipeline as a ``torch.utils.data.Dataset`` decoded with
-  PIL (torchvision is not needed: its two transforms are re-implemented here in a few lines)
-  in ``DataLoader`` workers, normalised on the loader's device.
+* :class:`TorchvisionLoader`: the same pipeline as a ``torch.utils.data.Dataset`` in
+  ``DataLoader`` workers, normalised on the loader's device. It decodes with
+  ``torchvision.io.decode_image`` and resamples with ``torchvision.transforms.v2.functional``
+  when torchvision imports (``decoder="torchvision"``; on CUDA the workers only read bytes and
+  ``decode_jpeg(device="cuda")`` decodes the batch with nvJPEG), else with PIL
+  (``decoder="pil"``: the transforms re-implemented in a few lines, so the loader also runs
+  where torchvision cannot import, as beside the CPU build of torch 2.13.0).
 * :func:`build_imagefolder_loader` picks one (``loader="auto"``: DALI when it imports and its
-  pipeline builds, else the PIL loader) and logs one line saying which and why.
+  pipeline builds, else the DataLoader loader) and logs one line saying which and why.
 
 Augmentation (the ImageNet recipe of the spec): train = RandomResizedCrop(scale 0.08-1,
 ratio 3/4-4/3, bicubic) to ``size`` + horizontal flip p=0.5; val = resize the shorter side to
@@ -36,7 +40,7 @@ the first files of the permutation are repeated so that every rank has the same 
 batches). The last partial batch is dropped in training. Evaluation (``train=False``) reads
 rank r's contiguous block of the sorted file list once, with a partial last batch.
 Augmentation randomness is a function of ``(seed, epoch, rank)`` (DALI) or ``(seed, epoch,
-file index)`` (PIL): an epoch's batches do not depend on what ran before, so ``set_epoch`` is
+file index)`` (DataLoader loader, either decoder): an epoch's batches do not depend on what ran before, so ``set_epoch`` is
 exact and the trainer's mid-epoch resume sees the batches of the uninterrupted run.
 """
 import math
@@ -54,6 +58,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val")
 LOADERS = ("auto", "dali", "torchvision")
+DECODERS = ("auto", "pil", "torchvision")
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
@@ -527,48 +532,152 @@ def random_resized_crop_box(w, h, rng, scale=RRC_SCALE, ratio=RRC_RATIO):
     return x0, y0, x0 + cw, y0 + ch
 
 
+def torchvision_io_available():
+    """``(True, version)`` when ``torchvision.io`` and ``transforms.v2.functional`` import, else
+    ``(False, why)`` (the main test venv's CPU torch 2.13.0 has no torchvision beside it)."""
+    try:
+        import torchvision
+        import torchvision.io  # noqa: F401
+        from torchvision.transforms.v2 import functional  # noqa: F401
+        return True, torchvision.__version__
+    except Exception as e:  # ImportError, or a torchvision built for another torch
+        return False, f"{type(e).__name__}: {e}"
+
+
+def _is_bmp(head):
+    return head[:2] == b"BM"
+
+
 class ImageFileDataset(torch.utils.data.Dataset):
-    """``(uint8 HWC [S, S, 3] tensor, label)`` per file, augmented with PIL.
+    """``(uint8 HWC [S, S, 3] tensor, label)`` per file.
+
+    ``decoder="pil"``: PIL decodes and resamples. ``decoder="torchvision"``:
+    ``torchvision.io.decode_image`` decodes (libjpeg-turbo / libpng / libwebp; BMP, which it does
+    not read, goes through PIL) and ``transforms.v2.functional`` crops and resamples (bicubic,
+    antialiased) the uint8 tensor. Both draw the same crop boxes and flips (:meth:`geometry`),
+    so the two decoders give the same crops up to resampler rounding.
+
+    With ``raw=True`` the dataset does not decode: it returns the file's bytes and its
+    geometry, and :meth:`TorchvisionLoader` decodes the batch (on the GPU with nvJPEG when the
+    loader's device is CUDA) and applies :func:`apply_geometry` there.
 
     Random draws come from ``numpy.random.default_rng((seed, epoch, index))``: the same
     whatever worker decodes the sample. Set ``.epoch`` before each epoch (the loader does).
     """
 
-    def __init__(self, files, labels, size, train, seed=0):
+    def __init__(self, files, labels, size, train, seed=0, decoder="pil", raw=False):
+        if decoder not in ("pil", "torchvision"):
+            raise ValueError(f"decoder must be 'pil' or 'torchvision', got {decoder!r}")
         self.files, self.labels = files, labels
         self.size, self.train, self.seed, self.epoch = size, train, seed, 0
+        self.decoder, self.raw = decoder, raw
 
     def __len__(self):
         return len(self.files)
 
+    def _error(self, index, e):
+        return DatasetError(f"{self.files[index]}: cannot decode ({type(e).__name__}: {e}); run "
+                            f"with --verify-images full to decode every file before training and "
+                            f"skip the unreadable ones")
+
+    def geometry(self, index, w, h):
+        """Six ints fixing the crop of a ``w`` x ``h`` image: train ``(0, left, top, right,
+        bottom, flip)`` (RandomResizedCrop box + flip), eval ``(1, resized_w, resized_h, x0, y0,
+        0)`` (shorter side to ``val_resize(size)``, then the centre crop at ``(x0, y0)``)."""
+        s = self.size
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, index))
+            box = random_resized_crop_box(w, h, rng)
+            return (0, *box, int(rng.random() < 0.5))
+        r = val_resize(s)
+        rw, rh = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+        return (1, rw, rh, (rw - s + 1) // 2, (rh - s + 1) // 2, 0)  # half-pixel offsets round up, as DALI
+
     def load(self, index):
+        path = self.files[index]
+        try:
+            if self.decoder == "pil":
+                from PIL import Image
+                with Image.open(path) as im:
+                    img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB
+            else:
+                img = decode_file(path)
+        except Exception as e:
+            raise self._error(index, e) from e
+        if self.decoder == "pil":
+            return apply_geometry_pil(img, self.geometry(index, *img.size), self.size)
+        g = self.geometry(index, img.shape[2], img.shape[1])
+        return apply_geometry(img, g, self.size).permute(1, 2, 0).contiguous()
+
+    def load_raw(self, index):
+        """``(file bytes as a uint8 tensor, geometry)`` without decoding the pixels (the size
+        comes from the header)."""
         from PIL import Image
         path = self.files[index]
         try:
             with Image.open(path) as im:
-                img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB
+                w, h = im.size
         except Exception as e:
-            raise DatasetError(f"{path}: cannot decode ({type(e).__name__}: {e}); run with "
-                               f"--verify-images full to decode every file before training and "
-                               f"skip the unreadable ones") from e
-        s = self.size
-        if self.train:
-            rng = np.random.default_rng((self.seed, self.epoch, index))
-            box = random_resized_crop_box(img.width, img.height, rng)
-            img = img.resize((s, s), Image.BICUBIC, box=box)
-            if rng.random() < 0.5:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-        else:
-            short, r = min(img.size), val_resize(s)
-            w, h = (r, int(r * img.height / img.width)) if img.width == short else \
-                   (int(r * img.width / img.height), r)
-            img = img.resize((w, h), Image.BICUBIC)
-            x0, y0 = (w - s + 1) // 2, (h - s + 1) // 2  # half-pixel offsets round up, as DALI
-            img = img.crop((x0, y0, x0 + s, y0 + s))
-        return np.asarray(img)
+            raise self._error(index, e) from e
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        return data, torch.tensor(self.geometry(index, w, h), dtype=torch.int64)
 
     def __getitem__(self, index):
-        return torch.from_numpy(self.load(index).copy()), self.labels[index]
+        if self.raw:
+            data, g = self.load_raw(index)
+            return data, g, index, self.labels[index]
+        img = self.load(index)
+        if not isinstance(img, torch.Tensor):
+            img = torch.from_numpy(img.copy())
+        return img, self.labels[index]
+
+
+def apply_geometry_pil(img, g, s):
+    """A PIL image -> uint8 HWC array: :meth:`ImageFileDataset.geometry` with PIL's bicubic."""
+    from PIL import Image
+    if g[0] == 0:
+        img = img.resize((s, s), Image.BICUBIC, box=tuple(g[1:5]))
+        if g[5]:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    else:
+        _, rw, rh, x0, y0, _ = g
+        img = img.resize((rw, rh), Image.BICUBIC).crop((x0, y0, x0 + s, y0 + s))
+    return np.asarray(img)
+
+
+def apply_geometry(img, g, s):
+    """A uint8 CHW tensor (any device) -> uint8 CHW ``[3, s, s]``: the same geometry with
+    torchvision's bicubic (antialiased, as PIL's)."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+    g = [int(v) for v in g]
+    if g[0] == 0:
+        left, top, right, bottom, flip = g[1:]
+        img = TF.resized_crop(img, top, left, bottom - top, right - left, [s, s],
+                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+        return img.flip(-1) if flip else img
+    _, rw, rh, x0, y0, _ = g
+    img = TF.resize(img, [rh, rw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    return img[:, y0:y0 + s, x0:x0 + s]
+
+
+def decode_file(path, data=None):
+    """``torchvision.io.decode_image`` as RGB (uint8 ``[3, H, W]``); BMP through PIL."""
+    from torchvision.io import ImageReadMode, decode_image
+    if data is None:
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    if _is_bmp(bytes(data[:2].tolist())):
+        from PIL import Image
+        with Image.open(path) as im:
+            return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+    return decode_image(data, mode=ImageReadMode.RGB)
+
+
+def _collate_raw(items):
+    data, geom, index, labels = zip(*items)
+    return list(data), torch.stack(geom), list(index), torch.tensor(labels)
 
 
 class _ShardSampler(torch.utils.data.Sampler):
@@ -585,57 +694,132 @@ class _ShardSampler(torch.utils.data.Sampler):
 
 
 class TorchvisionLoader(_ImageFolderLoaderBase):
-    """ImageFolder through ``torch.utils.data.DataLoader`` workers decoding with PIL.
+    """ImageFolder through ``torch.utils.data.DataLoader`` workers.
 
     The torchvision ``RandomResizedCrop(bicubic) + RandomHorizontalFlip`` / ``Resize +
-    CenterCrop`` pipeline, written with PIL so torchvision is not required. Workers return
-    uint8 HWC crops; the batch moves to ``device`` as uint8 (pinned on CUDA) and is normalised
-    there. With ``channels_last`` the NHWC batch becomes a channels-last NCHW view, no copy.
+    CenterCrop`` pipeline. ``decoder``: ``"torchvision"`` (``torchvision.io`` decode +
+    ``transforms.v2`` resampling), ``"pil"`` (PIL, needs no torchvision) or ``"auto"``
+    (torchvision when it imports). Workers return uint8 HWC crops; the batch moves to ``device``
+    as uint8 (pinned on CUDA) and is normalised there. With ``channels_last`` the NHWC batch
+    becomes a channels-last NCHW view, no copy.
+
+    ``decode_on_device`` (default: on for the torchvision decoder on CUDA): workers only read
+    the files' bytes and draw the crops; the batch's JPEGs are decoded by
+    ``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on CUDA; other formats on the
+    CPU) and cropped on the device. Same crops as the worker path (tested on the CPU).
     """
     name = "torchvision"
 
     def __init__(self, root, split, batch_size, train, size=224, device="cpu", shard=(0, 1),
                  seed=0, dtype=torch.float32, channels_last=None, num_workers=None,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, scan=None, verify=True, subset=None):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, scan=None, verify=True, subset=None,
+                 decoder="auto", decode_on_device=None):
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+        ok, info = torchvision_io_available()
+        if decoder == "torchvision" and not ok:
+            raise ImportError(f"--decoder torchvision: torchvision does not import ({info}); "
+                              f"install torchvision matching this torch, or use --decoder pil")
+        self.decoder = decoder if decoder != "auto" else ("torchvision" if ok else "pil")
         self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
                     channels_last, mean, std, scan, verify, subset)
-        self.dataset = ImageFileDataset(self.files, self.labels, size, train, seed)
+        if decode_on_device is None:
+            decode_on_device = self.decoder == "torchvision" and self.device.type == "cuda"
+        if decode_on_device and self.decoder != "torchvision":
+            raise ValueError("decode_on_device needs decoder='torchvision'")
+        self.decode_on_device = decode_on_device
+        self.dataset = ImageFileDataset(self.files, self.labels, size, train, seed,
+                                        decoder=self.decoder, raw=decode_on_device)
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=_ShardSampler(self),
             num_workers=self.num_workers, drop_last=self.drop_last,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            pin_memory=self.device.type == "cuda" and not decode_on_device,
+            collate_fn=_collate_raw if decode_on_device else None, persistent_workers=False,
             # Starting an iterator draws a base seed; from the global torch RNG it would shift
             # the training step's random stream (and break exact resume). The augmentation is
             # keyed by (seed, epoch, index), not by this seed.
             generator=torch.Generator().manual_seed(seed))
 
+    def decode_batch(self, data, geom, index):
+        """Decode a batch of file bytes on ``self.device`` and crop it: uint8 NHWC."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+        jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == b"\xff\xd8"]
+        imgs = [None] * len(data)
+        if jpeg:
+            try:
+                out = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB,
+                                  device=self.device)
+            except Exception:                 # find the file that failed, and name it
+                out = []
+                for i in jpeg:
+                    try:
+                        out.append(decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device))
+                    except Exception as e:
+                        raise self.dataset._error(index[i], e) from e
+            for i, img in zip(jpeg, out):
+                imgs[i] = img
+        for i, img in enumerate(imgs):
+            if img is None:                   # PNG, WebP, BMP: decoded on the CPU
+                try:
+                    img = decode_file(self.files[index[i]], data[i])
+                except Exception as e:
+                    raise self.dataset._error(index[i], e) from e
+                imgs[i] = img.to(self.device)
+        g = geom.tolist()
+        return torch.stack([apply_geometry(img, gi, self.size) for img, gi in zip(imgs, g)]
+                           ).permute(0, 2, 3, 1).contiguous()
+
     def __iter__(self):
         self.dataset.epoch = self.epoch   # workers start per epoch and copy the dataset
-        for x, y in self._loader:
-            x = x.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # NCHW view of NHWC
+        for batch in self._loader:
+            if self.decode_on_device:
+                data, geom, index, y = batch
+                x = self.decode_batch(data, geom, index)
+            else:
+                x, y = batch
+                x = x.to(self.device, non_blocking=True)
+            x = x.permute(0, 3, 1, 2)                     # NCHW view of NHWC
             x = ((x.float() - self._mean) / self._std).to(self.dtype)
             if not self.channels_last:
                 x = x.contiguous()
             yield x, y.to(self.device, non_blocking=True).to(torch.int64)
+
+    def describe_decode(self):
+        if self.decode_on_device:
+            where = "GPU (torchvision.io nvJPEG)" if self.device.type == "cuda" else "the loader's device"
+            return f"{where}, crops on {self.device}; {self.num_workers} workers read files"
+        lib = "torchvision.io" if self.decoder == "torchvision" else "PIL"
+        return f"CPU ({lib}, {self.num_workers} workers)"
 
 
 # ---- choosing one ---------------------------------------------------------------------------
 def build_imagefolder_loader(root, split, batch_size, train, loader="auto", device="cpu",
                              size=224, shard=(0, 1), seed=0, dtype=torch.float32,
                              channels_last=None, num_workers=None, verify=True, subset=None,
-                             classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, quiet=False):
-    """A DALI or PIL loader over ``root/split``; logs one line saying which runs and why.
+                             classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, quiet=False,
+                             decoder="auto"):
+    """A DALI or DataLoader loader over ``root/split``; logs one line saying which runs and why.
 
-    ``loader="auto"``: DALI when it imports and its pipeline builds, else the PIL loader;
-    ``"dali"`` raises ImportError without DALI; ``"torchvision"``: the PIL loader.
-    ``classes``: the class list the split must have (pass the train loader's ``classes`` when
+    ``loader="auto"``: DALI when it imports and its pipeline builds, else the DataLoader
+    loader; ``"dali"`` raises ImportError without DALI; ``"torchvision"``: the DataLoader
+    loader, decoding with ``decoder`` (``"auto"``: ``torchvision.io`` when torchvision imports,
+    else PIL; see :class:`TorchvisionLoader`). An explicit ``decoder`` with ``loader="dali"``
+    is refused (DALI decodes itself). ``classes``: the class list the split must have (pass the train loader's ``classes`` when
     building the val loader). Dataset problems raise :class:`DatasetError` before any training.
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    if loader == "dali" and decoder != "auto":
+        raise ValueError(f"--decoder {decoder} is for --loader torchvision: DALI decodes itself")
+    if decoder == "torchvision" and not torchvision_io_available()[0]:
+        raise ImportError(f"--decoder torchvision: torchvision does not import "
+                          f"({torchvision_io_available()[1]}); install torchvision matching this "
+                          f"torch, or use --decoder pil")
     scan = scan_imagefolder(root, split, verify=verify, classes=classes, subset=subset, seed=seed,
                             quiet=quiet)
     kw = dict(size=size, device=device, shard=shard, seed=seed, dtype=dtype,
@@ -663,9 +847,9 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
         why = f"auto: DALI not importable ({info})"
         loader = "torchvision"
     if loader == "torchvision":
-        ld = TorchvisionLoader(root, split, batch_size, train, **kw)
+        ld = TorchvisionLoader(root, split, batch_size, train, decoder=decoder, **kw)
     if not quiet:
         decode = ("GPU (nvJPEG, mixed)" if ld.device.type == "cuda" else "CPU") if ld.name == "dali" \
-            else f"CPU (PIL, {ld.num_workers} workers)"
+            else ld.describe_decode()
         log(f"{ld.describe()}; decode on {decode}; {why}")
     return ld
