@@ -35,12 +35,12 @@ def main(argv=None):
         cuda = resolve_device(args.device or "auto").type == "cuda"
         cfg, preset, why = resolve(given(args), args.preset, cuda)
         validate_config(cfg)
+        if args.print_config:   # the recipe as resolved; what only a run needs is not checked
+            print(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
+            return 0
         check_run_settings(cfg)
     except ValueError as e:
         p.error(str(e))
-    if args.print_config:
-        print(json.dumps({"preset": preset, **dataclasses.asdict(cfg)}, indent=2))
-        return 0
     print(f"fastmix: {cfg.method} on {cfg.dataset}, arch {cfg.arch}, {cfg.epochs} epochs of "
           f"batch {cfg.batch_size}; preset {preset or 'none'} ({why}); out {cfg.out}",
           file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 Per training step, with x [N, C, H, W] and labels y:
 
 1. two independent draws (λ_mb, index_mb) and (λ_bb, index_bb), λ ~ Beta(α, α);
-2. z = stage-3 features of the momentum encoder on clean x (no parameter gradients);
+2. z = the momentum encoder's features on clean x at the tapped stage (``mask_layer``: stage 3,
+   stage 2 for WRN), with no parameter gradients;
 3. the Mix Block runs twice on the same z: the MB mask keeps its graph, the BB mask is
    detached; if λ_bb is within ``lam_margin`` of 0 or 1 the BB sample is plain Mixup;
 4. loss_mix_k: momentum encoder + frozen EMA mix head on the MB-mixed images -> the gradient
@@ -43,7 +44,8 @@ class AutoMix(MixMethod):
     head_names = HEADS
 
     def __init__(self, backbone, num_classes, alpha=2.0, ema_momentum=0.999, ema_end=0.999999,
-                 ema_warmup=0.1, mask_loss_weight=0.1, mask_loss_mode="L1",
+                 ema_warmup=0.1, mask_loss_weight=0.1, mask_loss_schedule="constant",
+                 mask_loss_mode="L1",
                  mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
                  upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
                  head_weights=None, k_early_exit=False, seed=None, fused=None):
@@ -51,21 +53,23 @@ class AutoMix(MixMethod):
                          fused=fused)
         if not isinstance(getattr(backbone, "out_channels", None), (tuple, list)) or \
                 len(backbone.out_channels) != 2:
-            raise ValueError("the backbone must expose out_channels = (stage-3 C, final C) and "
-                             "return [stage3, final] features (see fastmix.backbones)")
+            raise ValueError("the backbone must expose out_channels = (tap C, final C) and "
+                             "return [tap, final] features (see fastmix.backbones)")
         if not 0 <= ema_momentum <= 1 or not 0 <= ema_end <= 1:
             raise ValueError("EMA momentum values must lie in [0, 1]")
         c3, c_final = backbone.out_channels
         self.ema_momentum, self.ema_end, self.ema_warmup = ema_momentum, ema_end, ema_warmup
         self.mask_loss_weight = mask_loss_weight
+        self.mask_loss_schedule = mask_loss_schedule
+        self.mask_loss_weight_at = schedules.MaskLossWeight(mask_loss_weight, mask_loss_schedule)
         self.lam_margin = max(lam_margin, 0.0)
         self.mix_shuffle_no_repeat = mix_shuffle_no_repeat
-        # Opt-in deviation: the momentum encoder's clean pass stops at stage 3 (its only use).
-        # Its stage-4 BN running statistics then see only the Mix Block's mixed images.
+        # Opt-in deviation: the momentum encoder's clean pass stops at the tapped stage (its
+        # only use). The later stages' BN running statistics then see only mixed images.
         self.k_early_exit = k_early_exit
-        if k_early_exit and "stop_at_stage3" not in backbone.forward.__code__.co_varnames:
-            raise ValueError("k_early_exit needs a backbone whose forward takes stop_at_stage3 "
-                             "(the fastmix ResNets)")
+        if k_early_exit and "tap_only" not in backbone.forward.__code__.co_varnames:
+            raise ValueError("k_early_exit needs a backbone whose forward takes tap_only "
+                             "(the fastmix ResNets and WideResNets)")
         self.head_weights = dict(mix_q=1.0, one_q=1.0, mix_k=1.0)
         self.head_weights.update(head_weights or {})
 
@@ -88,9 +92,12 @@ class AutoMix(MixMethod):
         the backbone; λ from the host generator, the permutations on ``x``'s device."""
         n, device = x.shape[0], x.device
         lam_mb, lam_bb = self.sample_lam(2)
-        return {"lam_mb": lam_mb, "lam_bb": lam_bb,
+        draw = {"lam_mb": lam_mb, "lam_bb": lam_bb,
                 "index_mb": self.permutation(n, device, self.mix_shuffle_no_repeat),
                 "index_bb": self.permutation(n, device, self.mix_shuffle_no_repeat)}
+        if self.mask_loss_schedule != "constant":   # this step's weight (set_progress)
+            draw["mask_loss_weight"] = self.mask_loss_weight_at(*self.progress)
+        return draw
 
     def losses(self, x, y, draw):
         lam_mb, lam_bb = draw["lam_mb"], draw["lam_bb"]
@@ -101,14 +108,15 @@ class AutoMix(MixMethod):
         mixup_fallback = (lam_bb <= self.lam_margin) | (lam_bb >= 1 - self.lam_margin)
 
         with torch.no_grad():
-            z = (self.backbone_k(x, stop_at_stage3=True)[0] if self.k_early_exit
-                 else _stage3_and_final(self.backbone_k(x))[0])
+            z = (self.backbone_k(x, tap_only=True)[0] if self.k_early_exit
+                 else _tap_and_final(self.backbone_k(x))[0])
         x_mb, x_bb, m_mb = self._mix(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback,
                                      self.fused)
-        loss_mask = self.mask_loss_weight * self.mix_block.mask_loss(m_mb, lam_mb)
+        w_mask = draw.get("mask_loss_weight", self.mask_loss_weight)
+        loss_mask = w_mask * self.mix_block.mask_loss(m_mb, lam_mb)
 
         ce = self._mixed_ce
-        final = lambda enc, img: _stage3_and_final(enc(img))[1]  # noqa: E731
+        final = lambda enc, img: _tap_and_final(enc(img))[1]  # noqa: E731
         loss_mix_k = ce(self.head_mix_k(final(self.backbone_k, x_mb)), y, y[index_mb], lam_mb)
         loss_one_q = ce(self.head_one_q(final(self.backbone_q, x)), y, None, 1.0)
         loss_mix_q = ce(self.head_mix_q(final(self.backbone_q, x_bb)), y, y[index_bb], lam_bb)
@@ -207,8 +215,8 @@ class AutoMix(MixMethod):
     @torch.no_grad()
     def predict(self, x):
         """Logits of all four heads: {one_k, mix_k, one_q, mix_q} (spec §2.4)."""
-        f_k = _stage3_and_final(self.backbone_k(x))[1]
-        f_q = _stage3_and_final(self.backbone_q(x))[1]
+        f_k = _tap_and_final(self.backbone_k(x))[1]
+        f_q = _tap_and_final(self.backbone_q(x))[1]
         return {"one_k": self.head_one_k(f_k), "mix_k": self.head_mix_k(f_k),
                 "one_q": self.head_one_q(f_q), "mix_q": self.head_mix_q(f_q)}
 
@@ -219,12 +227,12 @@ class AutoMix(MixMethod):
         return backbone, getattr(self, "head_" + head)
 
 
-def _stage3_and_final(features):
-    """A backbone's output, checked: AutoMix needs exactly two maps, [stage-3, final]."""
+def _tap_and_final(features):
+    """A backbone's output, checked: AutoMix needs exactly two maps, [tap, final]."""
     if not isinstance(features, (list, tuple)) or len(features) != 2:
         what = (f"{len(features)} feature map(s)" if isinstance(features, (list, tuple))
                 else f"a {type(features).__name__}")
-        raise ValueError(f"AutoMix's backbone must return [stage-3 features, final features] "
+        raise ValueError(f"AutoMix's backbone must return [Mix Block tap, final features] "
                          f"(two maps), got {what}; wrap the network in FeatureTap or build it "
                          f"with build_backbone")
     return features

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from fastmix.automix import AutoMix
-from fastmix.backbones import build_backbone
+from fastmix.backbones import build_backbone, load_torchvision_weights
 from fastmix.checkpoint import (CheckpointError, atomic_save, export_classifier,  # noqa: F401
                                 load_checkpoint, load_training_checkpoint,
                                 remove_stale_temporaries, rng_states, set_rng_states,
@@ -34,12 +34,17 @@ from fastmix.step import CUDAGraphStep, NonFiniteLossError, StepGuard, TrainStep
 # ---- building ----------------------------------------------------------------------------------
 def build_model(cfg: Config, in_chans, num_classes, seed=None):
     alpha = DEFAULT_ALPHA[cfg.method] if cfg.alpha is None else cfg.alpha
-    backbone = build_backbone(cfg.arch, in_chans=in_chans)
+    backbone = build_backbone(cfg.arch, in_chans=in_chans, mask_layer=cfg.mask_layer)
+    if cfg.init_weights not in (None, "none"):
+        # before AutoMix copies the backbone into its momentum encoder: both start from them
+        load_torchvision_weights(backbone, cfg.init_weights)
     fused = False if cfg.eager else None
     seed = cfg.seed if seed is None else seed
     if cfg.method == "automix":
         return AutoMix(backbone, num_classes, alpha=alpha, ema_momentum=cfg.ema_momentum,
-                       ema_end=cfg.ema_end, mask_loss_weight=cfg.mask_loss_weight,
+                       ema_end=cfg.ema_end, ema_warmup=cfg.ema_warmup,
+                       mask_loss_weight=cfg.mask_loss_weight,
+                       mask_loss_schedule=cfg.mask_loss_schedule,
                        mask_loss_mode=cfg.mask_loss_mode, lam_margin=cfg.lam_margin,
                        lam_concat=cfg.lam_concat, upsample=cfg.upsample,
                        mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
@@ -139,7 +144,7 @@ def _imagefolder_data(cfg, device, rank, world):
         raise ValueError("--val-split carves a validation set out of a tensor dataset; for "
                          "--dataset imagefolder hold one out on disk instead")
     from fastmix.data.imagefolder import build_imagefolder_loader, split_overlap
-    kw = dict(loader=cfg.loader, decoder=cfg.decoder, device=device, size=cfg.image_size, seed=cfg.seed,
+    kw = dict(loader=cfg.loader, decoder=cfg.decoder, pipeline=cfg.data_pipeline, device=device, size=cfg.image_size, seed=cfg.seed,
               shard=(rank, world), channels_last=cfg.channels_last, num_workers=cfg.workers,
               quiet=rank != 0, verify={"none": False}.get(cfg.verify_images, cfg.verify_images))
     train = build_imagefolder_loader(cfg.data_dir, "train", cfg.batch_size, True,
@@ -171,6 +176,28 @@ def check_run_settings(cfg: Config):
             raise ValueError(f"--export {cfg.export}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             raise ValueError(f"--export {cfg.export}: the folder {folder} is not writable")
+    if cfg.init_weights == "required":
+        raise ValueError(
+            "this preset fine-tunes from ImageNet weights: pass --init-weights PATH (the "
+            "torchvision state dict of the same architecture, e.g. torch.save(torchvision.models."
+            "resnet18(weights='IMAGENET1K_V1').state_dict(), PATH) on a machine that can download "
+            "it; fastmix never downloads), or --init-weights none to train from scratch (not the "
+            "paper's recipe)")
+    if cfg.init_weights not in (None, "none"):
+        # the whole fit check (names and shapes) on a scratch backbone, before any data is read
+        load_torchvision_weights(build_backbone(cfg.arch, mask_layer=cfg.mask_layer),
+                                 cfg.init_weights)
+
+
+def check_devices(cfg: Config, world, rank=0):
+    """A preset's batch is per device for ``cfg.devices`` devices: say so when the run has
+    another number (the learning rates were set for the recipe's total batch)."""
+    if world != cfg.devices and rank == 0:
+        print(f"warning: this recipe trains on {cfg.devices} device(s) x {cfg.batch_size} = "
+              f"{cfg.devices * cfg.batch_size} images per step; this run has {world} x "
+              f"{cfg.batch_size} = {world * cfg.batch_size} (the learning rates are the recipe's: "
+              f"scale --lr/--mb-lr or --batch-size to match, or set --devices {world} to silence "
+              f"this)", file=sys.stderr)
 
 
 def claim_out(cfg: Config, rank=0):
@@ -433,6 +460,7 @@ def _train(cfg):
     check_run_settings(cfg)      # all a run can refuse, before any data is read
     resume_path = os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume
     state = load_training_checkpoint(resume_path, cfg, world) if cfg.resume else None
+    check_devices(cfg, world, rank)
     claim_out(cfg, rank)
     op_paths = select_op_paths(cfg, device, rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"

@@ -10,6 +10,9 @@ A method is an ``nn.Module`` with
   how a CUDA graph replays the step with new draws;
 - ``predict(x) -> {head_name: logits}`` in eval mode; ``default_head`` names the one used for
   inference;
+- ``set_progress(step, total_steps)``: called by the training step before ``draw``, with the
+  0-based index of the step about to run; ``draw`` may turn it into host numbers (AutoMix's
+  mask-loss weight schedule), so a CUDA graph gets them as tensors like every other draw;
 - ``after_step(step, total_steps, finite=None)``: after every optimizer step (AutoMix's EMA);
   it is ``apply_step_scalars(step_scalars(step, total_steps), finite)``, split the same way
   (the schedule's host floats, then device work that also takes them as tensors);
@@ -40,6 +43,11 @@ class MixMethod(nn.Module):
         self.fused = fused
         # λ comes from the host: a numpy generator that never reads device memory (no sync).
         self.rng = np.random.default_rng(seed)
+        self.progress = (0, 1)
+
+    def set_progress(self, step, total_steps):
+        """The step about to run (0-based) of ``total_steps``: see the module doc."""
+        self.progress = (step, total_steps)
 
     @property
     def in_chans(self):

@@ -98,6 +98,7 @@ class TrainStep:
 
     def __call__(self, x, y, step, total_steps, draw=None):
         self.guard.before()
+        self.model.set_progress(step, total_steps)
         with self.autocast():
             loss, logs = self.step_model(x, y) if draw is None else self.model.losses(x, y, draw)
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
@@ -227,6 +228,7 @@ class CUDAGraphStep:
     # ---- the call ----------------------------------------------------------------------
     def __call__(self, x, y, step, total_steps):
         self.model.check_batch(x, y)
+        self.model.set_progress(step, total_steps)
         draw = self.model.draw(x)
         if self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape):
             # Another batch shape (a last partial batch): the eager step with this draw. It

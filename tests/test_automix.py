@@ -219,7 +219,7 @@ def test_k_early_exit_skips_stage4_of_the_clean_pass():
     plain.backbone_k.layer4.register_forward_hook(lambda *a: calls.append(1))
     plain.forward_train(x, y)
     assert len(calls) == 2
-    with pytest.raises(ValueError, match="stop_at_stage3"):
+    with pytest.raises(ValueError, match="tap_only"):
         from fastmix.backbones import FeatureTap
         AutoMix(FeatureTap(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), "0", "0", (4, 4)), 10,
                 k_early_exit=True)

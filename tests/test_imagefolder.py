@@ -478,3 +478,73 @@ def test_torchvision_decoder_without_torchvision_is_refused_before_any_work(fm_r
         build_imagefolder_loader(str(tmp_path / "missing"), "train", 4, True,
                                  loader="torchvision", decoder="torchvision")
     assert make("torchvision", fm_root, "val", 4, False).decoder == "pil"
+
+
+# ---- the presets' pipelines (spec §3: Tiny-ImageNet, CUB/Aircraft) --------------------------------
+def test_pipeline_geometry_follows_the_recipes():
+    """Train: fine-grained resizes the shorter side to 256/224 of the size, then crops 50-100%
+    of that area; imagenet and tiny-imagenet crop 8-100% of the original. Test: imagenet and
+    fine-grained resize to 256/224 and cut the centre, tiny-imagenet resizes to the size."""
+    from fastmix.data.imagefolder import ImageFileDataset
+    w, h, s = 500, 375, 224
+    for name, pre, lo in (("imagenet", None, 0.08), ("tiny-imagenet", None, 0.08),
+                          ("fine-grained", 256, 0.5)):
+        ds = ImageFileDataset(["x"] * 400, [0] * 400, s, True, seed=1, pipeline=name)
+        areas = []
+        for i in range(400):
+            mode, rw, rh, l, t, r, b, flip = ds.geometry(i, w, h)
+            assert mode == 0 and flip in (0, 1)
+            assert (rw, rh) == ((w, h) if pre is None else (341, 256))
+            assert 0 <= l < r <= rw and 0 <= t < b <= rh
+            areas.append((r - l) * (b - t) / (rw * rh))
+        assert min(areas) >= lo * 0.97 and max(areas) <= 1.0
+        assert min(areas) < lo + 0.1   # the range is used down to its lower end
+        val = ImageFileDataset(["x"], [0], s, False, pipeline=name).geometry(0, w, h)
+        short = {"tiny-imagenet": s}.get(name, 256)
+        rw = int(short * w / h)
+        assert val == (1, rw, short, (rw - s + 1) // 2, (short - s + 1) // 2,
+                       (rw - s + 1) // 2 + s, (short - s + 1) // 2 + s, 0)
+
+
+def test_tiny_imagenet_test_images_are_not_cropped(tmp_path):
+    """At 64 px a 64 x 64 test image passes through untouched (imagenet's 256/224 rule would
+    resize it to 73 and cut the centre)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            d = tmp_path / split / c
+            d.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / "0.png")
+    ld = make("torchvision", str(tmp_path), "val", 2, False, size=64, pipeline="tiny-imagenet")
+    x, _ = next(iter(ld))
+    for i, f in enumerate(ld.files):
+        with Image.open(f) as im:
+            ref = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+            assert torch.allclose(unnormalise(x[i:i + 1])[0], ref, atol=1e-3)
+    other = make("torchvision", str(tmp_path), "val", 2, False, size=64)
+    assert not torch.allclose(next(iter(other))[0], x, atol=1e-3)
+
+
+@pytest.mark.parametrize("pipeline", ["tiny-imagenet", "fine-grained"])
+def test_loaders_run_every_pipeline_and_agree(fm_root, pipeline):
+    """Both loaders, both splits: shapes, finite pixels, the same label order; evaluation
+    pixels of DALI and PIL agree (same resize and centre crop)."""
+    out = {}
+    for kind in LOADERS:
+        for train in (True, False):
+            ld = make(kind, fm_root, "train" if train else "val", 5, train, pipeline=pipeline,
+                      seed=2)
+            assert "pipeline" in ld.describe() and pipeline in ld.describe()
+            ld.set_epoch(1)
+            x, y = map(torch.cat, zip(*ld))
+            assert x.shape[1:] == (3, SIZE, SIZE) and torch.isfinite(x).all()
+            out[kind, train] = (x, y)
+    assert torch.equal(out["dali", True][1], out["torchvision", True][1])
+    (xd, yd), (xp, yp) = out["dali", False], out["torchvision", False]
+    assert torch.equal(yd, yp)
+    assert (xd - xp).abs().flatten(1).mean(1).max() < 0.06
+
+
+def test_unknown_pipeline_is_refused(fm_root):
+    with pytest.raises(ValueError, match="pipeline must be one of"):
+        make("torchvision", fm_root, "val", 4, False, pipeline="cifar")

@@ -49,10 +49,12 @@ def test_auto_decoder_is_torchvision_where_it_imports(fm_root, capsys):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_torchvision_and_pil_decoders_give_the_same_crops(weird_root, train):
-    """Same files, labels, crop boxes and flips; pixels equal up to the two bicubic resamplers'
+@pytest.mark.parametrize("pipeline", ["imagenet", "fine-grained"])
+def test_torchvision_and_pil_decoders_give_the_same_crops(weird_root, train, pipeline):
+    """Same files, labels, crop boxes and flips; pixels equal up to the two resamplers'
     rounding (both antialiased), far below the difference between two images."""
-    tv, pil = make(weird_root, "val", 5, train), make(weird_root, "val", 5, train, decoder="pil")
+    tv = make(weird_root, "val", 5, train, pipeline=pipeline)
+    pil = make(weird_root, "val", 5, train, decoder="pil", pipeline=pipeline)
     for epoch in range(2):
         (xt, yt), (xp, yp) = run(tv, epoch), run(pil, epoch)
         assert torch.equal(yt, yp) and xt.shape == xp.shape == (20, 3, SIZE, SIZE)

@@ -26,10 +26,14 @@ Both loaders present :class:`fastmix.data.TensorLoader`'s interface: iteration y
 * :func:`build_imagefolder_loader` picks one (``loader="auto"``: DALI when it imports and its
   pipeline builds, else the DataLoader loader) and logs one line saying which and why.
 
-Augmentation (the ImageNet recipe of the spec): train = RandomResizedCrop(scale 0.08-1,
-ratio 3/4-4/3, bicubic) to ``size`` + horizontal flip p=0.5; val = resize the shorter side to
-``round(size * 256 / 224)`` (bicubic) + centre crop ``size``. Normalisation: ImageNet mean/std
-(pass ``mean``/``std`` for other data).
+Augmentation (``pipeline``, spec §3's data pipelines, ``PIPELINES``): ``imagenet`` (default):
+train = RandomResizedCrop(scale 0.08-1, ratio 3/4-4/3, bicubic) to ``size`` + horizontal flip
+p=0.5; test = resize the shorter side to ``round(size * 256 / 224)`` (bicubic) + centre crop
+``size``. ``tiny-imagenet``: the same training crop; test = shorter side to ``size`` + centre
+crop (no crop for the 64 x 64 images). ``fine-grained`` (CUB-200, Aircraft): train = shorter
+side to ``round(size * 256 / 224)``, then RandomResizedCrop(scale 0.5-1) + flip, bilinear;
+test as ``imagenet`` but bilinear. Normalisation: ImageNet mean/std (pass ``mean``/``std``
+for other data).
 
 Epoch order (``_ImageFolderLoaderBase.epoch_indices``, shared by both loaders, so they read
 the same files in the same order): training reshuffles the whole file list every epoch with
@@ -67,9 +71,44 @@ def log(msg):
     print(f"fastmix.data: {msg}", file=sys.stderr, flush=True)
 
 
-def val_resize(size):
+def val_resize(size, ratio=256 / 224):
     """Shorter side before the centre crop: 256 for 224, in proportion otherwise."""
-    return int(round(size * 256 / 224))
+    return int(round(size * ratio))
+
+
+class Pipeline(tuple):
+    """One augmentation recipe of spec §3 (``PIPELINES``): ``pre_resize`` (shorter side to
+    ``size * pre_resize`` before the training crop, or None), ``scale`` (RandomResizedCrop's area
+    range), ``interp`` ("bicubic" or "bilinear", every resize), ``val_ratio`` (test: shorter
+    side to ``size * val_ratio``, then the centre ``size`` crop)."""
+    __slots__ = ()
+    _fields = ("pre_resize", "scale", "interp", "val_ratio")
+
+    def __new__(cls, pre_resize, scale, interp, val_ratio):
+        return tuple.__new__(cls, (pre_resize, scale, interp, val_ratio))
+
+    def __getattr__(self, name):
+        try:
+            return self[self._fields.index(name)]
+        except ValueError:
+            raise AttributeError(name) from None
+
+
+PIPELINES = {
+    # ImageNet: RandomResizedCrop(size, 0.08-1, bicubic) + flip; Resize 256 + CenterCrop 224.
+    "imagenet": Pipeline(None, RRC_SCALE, "bicubic", 256 / 224),
+    # Tiny-ImageNet: RandomResizedCrop(64, bicubic) + flip; test at 64 with no crop (the
+    # images are 64 x 64: a resize of the shorter side to the size, a no-op for them).
+    "tiny-imagenet": Pipeline(None, RRC_SCALE, "bicubic", 1.0),
+    # CUB-200 / Aircraft: Resize 256, RandomResizedCrop(224, scale 0.5-1) + flip; Resize 256 +
+    # CenterCrop 224. The spec names no interpolation here: torchvision's default, bilinear.
+    "fine-grained": Pipeline(256 / 224, (0.5, 1.0), "bilinear", 256 / 224),
+}
+
+
+def _shorter_to(w, h, r):
+    """``(w, h)`` resized so the shorter side is ``r`` (torchvision's ``Resize(int)``)."""
+    return (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
 
 
 # ---- scanning and checking ------------------------------------------------------------------
@@ -309,7 +348,10 @@ class _ImageFolderLoaderBase:
     name = "?"
 
     def _setup(self, root, split, batch_size, train, size, device, shard, seed, dtype,
-               channels_last, mean, std, scan, verify, subset):
+               channels_last, mean, std, scan, verify, subset, pipeline="imagenet"):
+        if pipeline not in PIPELINES:
+            raise ValueError(f"pipeline must be one of {', '.join(PIPELINES)}, got {pipeline!r}")
+        self.pipeline_name, self.pipeline = pipeline, PIPELINES[pipeline]
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         rank, world = shard
@@ -372,7 +414,8 @@ class _ImageFolderLoaderBase:
     def describe(self):
         return (f"{self.name} loader, {self.split} {len(self.files)} images of {self.num_classes} "
                 f"classes ({self.num_skipped} skipped), shard {self.rank}/{self.world}, "
-                f"{len(self)} batches of {self.batch_size} at {self.size}px on {self.device}")
+                f"{len(self)} batches of {self.batch_size} at {self.size}px on {self.device}, "
+                f"{self.pipeline_name} pipeline")
 
 
 # ---- DALI -----------------------------------------------------------------------------------
@@ -411,9 +454,9 @@ class DaliLoader(_ImageFolderLoaderBase):
     def __init__(self, root, split, batch_size, train, size=224, device="cpu", shard=(0, 1),
                  seed=0, dtype=torch.float32, channels_last=None, num_workers=None,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, scan=None, verify=True, subset=None,
-                 prefetch=2):
+                 prefetch=2, pipeline="imagenet"):
         self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
-                    channels_last, mean, std, scan, verify, subset)
+                    channels_last, mean, std, scan, verify, subset, pipeline)
         import nvidia.dali
         self.version = nvidia.dali.__version__
         if self.device.type not in ("cpu", "cuda"):
@@ -427,7 +470,7 @@ class DaliLoader(_ImageFolderLoaderBase):
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
         gpu = self.device.type == "cuda"
-        size, train = self.size, self.train
+        size, train, pipe = self.size, self.train, self.pipeline
         idx = self.epoch_indices(epoch)
         files, labels = [self.files[i] for i in idx], [self.labels[i] for i in idx]
         layout = "HWC" if self.channels_last else "CHW"
@@ -444,17 +487,26 @@ class DaliLoader(_ImageFolderLoaderBase):
             dec = "mixed" if gpu else "cpu"
             # nvJPEG scratch sizes from NVIDIA's ImageNet example (avoid reallocations)
             extra = dict(device_memory_padding=211025920, host_memory_padding=140544512) if gpu else {}
-            if train:
+            interp = types.INTERP_CUBIC if pipe.interp == "bicubic" else types.INTERP_LINEAR
+            if train and pipe.pre_resize is None:   # crop while decoding: only the box decodes
                 img = fn.decoders.image_random_crop(
-                    jpegs, device=dec, output_type=types.RGB, random_area=list(RRC_SCALE),
+                    jpegs, device=dec, output_type=types.RGB, random_area=list(pipe.scale),
                     random_aspect_ratio=list(RRC_RATIO), num_attempts=100, **extra)
-                img = fn.resize(img, resize_x=size, resize_y=size, interp_type=types.INTERP_CUBIC,
+                img = fn.resize(img, resize_x=size, resize_y=size, interp_type=interp,
                                 antialias=True)
+                mirror = fn.random.coin_flip(probability=0.5)
+            elif train:                              # resize, then RandomResizedCrop
+                img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **extra)
+                img = fn.resize(img, resize_shorter=val_resize(size, pipe.pre_resize),
+                                interp_type=interp, antialias=True)
+                img = fn.random_resized_crop(img, size=[size, size], random_area=list(pipe.scale),
+                                             random_aspect_ratio=list(RRC_RATIO),
+                                             num_attempts=100, interp_type=interp, antialias=True)
                 mirror = fn.random.coin_flip(probability=0.5)
             else:
                 img = fn.decoders.image(jpegs, device=dec, output_type=types.RGB, **extra)
-                img = fn.resize(img, resize_shorter=val_resize(size), interp_type=types.INTERP_CUBIC,
-                                antialias=True)
+                img = fn.resize(img, resize_shorter=val_resize(size, pipe.val_ratio),
+                                interp_type=interp, antialias=True)
                 mirror = False
             img = fn.crop_mirror_normalize(
                 img, dtype=out_type, output_layout=layout, crop=(size, size), crop_pos_x=0.5,
@@ -565,9 +617,11 @@ class ImageFileDataset(torch.utils.data.Dataset):
     whatever worker decodes the sample. Set ``.epoch`` before each epoch (the loader does).
     """
 
-    def __init__(self, files, labels, size, train, seed=0, decoder="pil", raw=False):
+    def __init__(self, files, labels, size, train, seed=0, decoder="pil", raw=False,
+                 pipeline="imagenet"):
         if decoder not in ("pil", "torchvision"):
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {decoder!r}")
+        self.pipeline = PIPELINES[pipeline]
         self.files, self.labels = files, labels
         self.size, self.train, self.seed, self.epoch = size, train, seed, 0
         self.decoder, self.raw = decoder, raw
@@ -581,17 +635,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
                             f"skip the unreadable ones")
 
     def geometry(self, index, w, h):
-        """Six ints fixing the crop of a ``w`` x ``h`` image: train ``(0, left, top, right,
-        bottom, flip)`` (RandomResizedCrop box + flip), eval ``(1, resized_w, resized_h, x0, y0,
-        0)`` (shorter side to ``val_resize(size)``, then the centre crop at ``(x0, y0)``)."""
-        s = self.size
+        """Eight ints fixing the crop of a ``w`` x ``h`` image: ``(mode, rw, rh, left, top,
+        right, bottom, flip)``: resize to ``rw`` x ``rh`` (skipped when that is the image's
+        size), then mode 0 (train): resample the box to ``size`` x ``size`` and flip if
+        ``flip``; mode 1 (test): cut the box (a ``size`` x ``size`` centre crop)."""
+        s, p = self.size, self.pipeline
         if self.train:
             rng = np.random.default_rng((self.seed, self.epoch, index))
-            box = random_resized_crop_box(w, h, rng)
-            return (0, *box, int(rng.random() < 0.5))
-        r = val_resize(s)
-        rw, rh = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
-        return (1, rw, rh, (rw - s + 1) // 2, (rh - s + 1) // 2, 0)  # half-pixel offsets round up, as DALI
+            rw, rh = (w, h) if p.pre_resize is None else _shorter_to(w, h, val_resize(s, p.pre_resize))
+            box = random_resized_crop_box(rw, rh, rng, scale=p.scale)
+            return (0, rw, rh, *box, int(rng.random() < 0.5))
+        rw, rh = _shorter_to(w, h, val_resize(s, p.val_ratio))
+        x0, y0 = (rw - s + 1) // 2, (rh - s + 1) // 2   # half-pixel offsets round up, as DALI
+        return (1, rw, rh, x0, y0, x0 + s, y0 + s, 0)
 
     def load(self, index):
         path = self.files[index]
@@ -604,10 +660,11 @@ class ImageFileDataset(torch.utils.data.Dataset):
                 img = decode_file(path)
         except Exception as e:
             raise self._error(index, e) from e
+        interp = self.pipeline.interp
         if self.decoder == "pil":
-            return apply_geometry_pil(img, self.geometry(index, *img.size), self.size)
+            return apply_geometry_pil(img, self.geometry(index, *img.size), self.size, interp)
         g = self.geometry(index, img.shape[2], img.shape[1])
-        return apply_geometry(img, g, self.size).permute(1, 2, 0).contiguous()
+        return apply_geometry(img, g, self.size, interp).permute(1, 2, 0).contiguous()
 
     def load_raw(self, index):
         """``(file bytes as a uint8 tensor, geometry)`` without decoding the pixels (the size
@@ -633,33 +690,36 @@ class ImageFileDataset(torch.utils.data.Dataset):
         return img, self.labels[index]
 
 
-def apply_geometry_pil(img, g, s):
-    """A PIL image -> uint8 HWC array: :meth:`ImageFileDataset.geometry` with PIL's bicubic."""
+def apply_geometry_pil(img, g, s, interp="bicubic"):
+    """A PIL image -> uint8 HWC array: :meth:`ImageFileDataset.geometry` with PIL's resampler."""
     from PIL import Image
-    if g[0] == 0:
-        img = img.resize((s, s), Image.BICUBIC, box=tuple(g[1:5]))
-        if g[5]:
+    mode, rw, rh, left, top, right, bottom, flip = g
+    f = Image.BICUBIC if interp == "bicubic" else Image.BILINEAR
+    if (rw, rh) != img.size:
+        img = img.resize((rw, rh), f)
+    if mode == 0:
+        img = img.resize((s, s), f, box=(left, top, right, bottom))
+        if flip:
             img = img.transpose(Image.FLIP_LEFT_RIGHT)
     else:
-        _, rw, rh, x0, y0, _ = g
-        img = img.resize((rw, rh), Image.BICUBIC).crop((x0, y0, x0 + s, y0 + s))
+        img = img.crop((left, top, right, bottom))
     return np.asarray(img)
 
 
-def apply_geometry(img, g, s):
+def apply_geometry(img, g, s, interp="bicubic"):
     """A uint8 CHW tensor (any device) -> uint8 CHW ``[3, s, s]``: the same geometry with
-    torchvision's bicubic (antialiased, as PIL's)."""
+    torchvision's resampler (antialiased, as PIL's)."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
-    g = [int(v) for v in g]
-    if g[0] == 0:
-        left, top, right, bottom, flip = g[1:]
+    mode, rw, rh, left, top, right, bottom, flip = [int(v) for v in g]
+    f = InterpolationMode.BICUBIC if interp == "bicubic" else InterpolationMode.BILINEAR
+    if (rh, rw) != tuple(img.shape[-2:]):
+        img = TF.resize(img, [rh, rw], interpolation=f, antialias=True)
+    if mode == 0:
         img = TF.resized_crop(img, top, left, bottom - top, right - left, [s, s],
-                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+                              interpolation=f, antialias=True)
         return img.flip(-1) if flip else img
-    _, rw, rh, x0, y0, _ = g
-    img = TF.resize(img, [rh, rw], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return img[:, y0:y0 + s, x0:x0 + s]
+    return img[:, top:bottom, left:right]
 
 
 def decode_file(path, data=None):
@@ -713,7 +773,7 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
     def __init__(self, root, split, batch_size, train, size=224, device="cpu", shard=(0, 1),
                  seed=0, dtype=torch.float32, channels_last=None, num_workers=None,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, scan=None, verify=True, subset=None,
-                 decoder="auto", decode_on_device=None):
+                 decoder="auto", decode_on_device=None, pipeline="imagenet"):
         if decoder not in DECODERS:
             raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         ok, info = torchvision_io_available()
@@ -722,14 +782,15 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
                               f"install torchvision matching this torch, or use --decoder pil")
         self.decoder = decoder if decoder != "auto" else ("torchvision" if ok else "pil")
         self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
-                    channels_last, mean, std, scan, verify, subset)
+                    channels_last, mean, std, scan, verify, subset, pipeline)
         if decode_on_device is None:
             decode_on_device = self.decoder == "torchvision" and self.device.type == "cuda"
         if decode_on_device and self.decoder != "torchvision":
             raise ValueError("decode_on_device needs decoder='torchvision'")
         self.decode_on_device = decode_on_device
         self.dataset = ImageFileDataset(self.files, self.labels, size, train, seed,
-                                        decoder=self.decoder, raw=decode_on_device)
+                                        decoder=self.decoder, raw=decode_on_device,
+                                        pipeline=pipeline)
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255
@@ -769,7 +830,8 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
                     raise self.dataset._error(index[i], e) from e
                 imgs[i] = img.to(self.device)
         g = geom.tolist()
-        return torch.stack([apply_geometry(img, gi, self.size) for img, gi in zip(imgs, g)]
+        interp = self.dataset.pipeline.interp
+        return torch.stack([apply_geometry(img, gi, self.size, interp) for img, gi in zip(imgs, g)]
                            ).permute(0, 2, 3, 1).contiguous()
 
     def __iter__(self):
@@ -800,7 +862,7 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
                              size=224, shard=(0, 1), seed=0, dtype=torch.float32,
                              channels_last=None, num_workers=None, verify=True, subset=None,
                              classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, quiet=False,
-                             decoder="auto"):
+                             decoder="auto", pipeline="imagenet"):
     """A DALI or DataLoader loader over ``root/split``; logs one line saying which runs and why.
 
     ``loader="auto"``: DALI when it imports and its pipeline builds, else the DataLoader
@@ -823,7 +885,8 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
     scan = scan_imagefolder(root, split, verify=verify, classes=classes, subset=subset, seed=seed,
                             quiet=quiet)
     kw = dict(size=size, device=device, shard=shard, seed=seed, dtype=dtype,
-              channels_last=channels_last, num_workers=num_workers, mean=mean, std=std, scan=scan)
+              channels_last=channels_last, num_workers=num_workers, mean=mean, std=std, scan=scan,
+              pipeline=pipeline)
     ok, info = dali_available()
     if loader == "torchvision":
         why = "requested (--loader torchvision)"
