@@ -20,7 +20,8 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark", "triton>=3.6,<3.9", "numpy", "pillow",
-                 "matplotlib"],
+                 "matplotlib", "gco-wrapper"],
+        "puzzlemix": ["gco-wrapper"],   # the graph cut of --method puzzlemix
         "study": ["matplotlib"],
         "dali": ["nvidia-dali-cuda130"],
         "models": ["timm", "torchvision"],

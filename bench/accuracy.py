@@ -48,6 +48,12 @@ CPU_PROTOCOL = dict(preset="cpu-small", methods="automix,mixup,cutmix,vanilla", 
 # CIFAR R-18 table). These go after the preset and before --train-args.
 METHOD_ARGS = {"automix": ["--min-lr", "0.05"], "mixup": ["--min-lr", "0"],
                "cutmix": ["--min-lr", "0"], "vanilla": ["--min-lr", "0"]}
+# The other methods of the paper's tables (fastmix.mixes) on the baselines' recipe (cosine to 0,
+# each its own α from config.DEFAULT_ALPHA): selectable with --methods, not in the default grid
+# (the published CPU study predates them).
+METHOD_ARGS.update({m: ["--min-lr", "0"] for m in ("manifoldmix", "saliencymix", "fmix",
+                                                   "resizemix", "gridmix", "smoothmix",
+                                                   "puzzlemix")})
 WINDOW = 10  # median of the last 10 evaluated epochs (spec §2.4, §6.10)
 
 

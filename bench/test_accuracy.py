@@ -118,3 +118,18 @@ def test_per_method_alpha_reaches_only_that_method():
     args = accuracy.parse_args(["--alpha", "cutmix=1"])
     assert accuracy.run_argv(args, "cutmix", 0, "o")[-2:] == ["--alpha", "1.0"]
     assert "--alpha" not in accuracy.run_argv(args, "mixup", 0, "o")
+
+
+def test_every_comparison_method_runs_through_the_study(tmp_path):
+    """ManifoldMix, SaliencyMix, FMix, ResizeMix, GridMix, SmoothMix and PuzzleMix through the
+    study script (which runs train.py for each): one seed, one epoch of the tiny grid."""
+    new = ["manifoldmix", "saliencymix", "fmix", "resizemix", "gridmix", "smoothmix", "puzzlemix"]
+    r = study(tmp_path, "--methods", ",".join(new), "--seeds", "0", "--epochs", "1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["methods"]) == set(new)
+    for m in new:
+        summary = json.loads((tmp_path / m / "seed0" / "summary.json").read_text())
+        assert summary["method"] == m and summary["config"]["method"] == m
+        epoch = json.loads((tmp_path / m / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+        assert epoch["losses"]["loss"] > 0 and 0 <= summary["final_top1"]["cls"] <= 100

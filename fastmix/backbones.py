@@ -127,16 +127,32 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, 1, self.groups, self.base_width) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x, tap_only=False):
-        """``[tap, final]``; ``tap_only``: stop after the tapped stage and return ``[tap]``."""
+    def forward(self, x, tap_only=False, mix_at=None, mix_fn=None):
+        """``[tap, final]``; ``tap_only``: stop after the tapped stage and return ``[tap]``.
+
+        ``mix_at``/``mix_fn`` (ManifoldMix): apply ``mix_fn`` to the input (``mix_at=0``) or to
+        the output of stage ``mix_at`` (1 = ``layer1``, ...), OpenMixup's ``ResNet_Mix``."""
+        if mix_at == 0:
+            x = mix_fn(x)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x)), inplace=True))
-        for i, layer in enumerate((self.layer1, self.layer2, self.layer3, self.layer4)):
-            x = layer(x)
-            if i == self.mask_layer:
-                tap = x
-                if tap_only:
-                    return [tap]
-        return [tap, x]
+        return _run_stages(x, (self.layer1, self.layer2, self.layer3, self.layer4),
+                           self.mask_layer, tap_only, mix_at, mix_fn)
+
+
+def _run_stages(x, stages, mask_layer, tap_only=False, mix_at=None, mix_fn=None):
+    """``[tap, final]`` of running ``stages`` in order: ``mix_fn`` after stage ``mix_at``
+    (1-based; ``mix_at=0`` is the caller's, on the input), the tap after stage ``mask_layer``
+    (0-based); ``tap_only`` stops there and returns ``[tap]``."""
+    tap = None
+    for i, stage in enumerate(stages):
+        x = stage(x)
+        if mix_at == i + 1:
+            x = mix_fn(x)
+        if i == mask_layer:
+            tap = x
+            if tap_only:
+                return [tap]
+    return [tap, x]
 
 
 class _WideBlock(nn.Module):
@@ -196,18 +212,13 @@ class WideResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x, tap_only=False):
-        x = self.conv1(x)
-        tap = None
-        for i, stage in enumerate((self.block1, self.block2, self.block3)):
-            x = stage(x)
-            if i == 2:
-                x = F.leaky_relu(self.bn1(x), 0.1)
-            if i == self.mask_layer:
-                tap = x
-                if tap_only:
-                    return [tap]
-        return [tap, x]
+    def forward(self, x, tap_only=False, mix_at=None, mix_fn=None):
+        """``[tap, final]``; ``mix_at``/``mix_fn`` as :meth:`ResNet.forward` (stages 1-3)."""
+        if mix_at == 0:
+            x = mix_fn(x)
+        last = lambda h: F.leaky_relu(self.bn1(self.block3(h)), 0.1)  # noqa: E731  (+ final BN-ReLU)
+        return _run_stages(self.conv1(x), (self.block1, self.block2, last), self.mask_layer,
+                           tap_only, mix_at, mix_fn)
 
 
 class FeatureTap(nn.Module):

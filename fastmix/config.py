@@ -12,7 +12,11 @@ from dataclasses import dataclass, field, fields
 from fastmix.mixup import BASELINES
 
 METHODS = ("automix",) + BASELINES
-DEFAULT_ALPHA = {"automix": 2.0, "mixup": 1.0, "cutmix": 0.2, "vanilla": 0.0}
+# α per method: spec §4.2's CIFAR-100 R-18 table (GridMix has no α there: 0.2 as the other
+# cutting methods; SmoothMix draws no λ, its α is unused).
+DEFAULT_ALPHA = {"automix": 2.0, "mixup": 1.0, "cutmix": 0.2, "vanilla": 0.0, "manifoldmix": 2.0,
+                 "saliencymix": 0.2, "fmix": 0.2, "resizemix": 1.0, "gridmix": 0.2,
+                 "smoothmix": 1.0, "puzzlemix": 1.0}
 HEADS = ("one_k", "mix_k", "one_q", "mix_q")
 
 
@@ -50,7 +54,9 @@ class Config:
     mb_momentum: float = opt(None, "Mix Block SGD momentum (default: --momentum)")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(1e-4, "weight decay (every trainable parameter, as officially)")
-    alpha: float = opt(None, "Beta(alpha, alpha) of λ (default: automix 2, mixup 1, cutmix 0.2)")
+    alpha: float = opt(None, "Beta(alpha, alpha) of λ (default per method, spec §4.2: automix 2, "
+                       "mixup 1, cutmix 0.2, manifoldmix 2, saliencymix 0.2, fmix 0.2, resizemix "
+                       "1, gridmix 0.2, puzzlemix 1; smoothmix draws no λ)")
     label_smoothing: float = opt(0.0, "label smoothing of every CE loss")
     # AutoMix (spec §1-§2)
     ema_momentum: float = opt(0.999, "AutoMix EMA start momentum")
@@ -205,6 +211,10 @@ PRESETS = {
 }
 
 
+# "For ResNeXt-50, the cutting-based methods use wd 5e-4" (spec §4.2, CIFAR-100).
+CUTTING_METHODS = ("cutmix", "saliencymix", "fmix", "resizemix", "gridmix")
+
+
 def resolve(flags, preset=None, cuda=False):
     """``(Config, preset, why)``: defaults <- preset <- ``flags`` (the settings given, a dict).
 
@@ -218,6 +228,15 @@ def resolve(flags, preset=None, cuda=False):
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"--preset {preset!r} is unknown; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset]) if preset else {}
+    method = flags.get("method", values.get("method", "automix"))
+    if preset and method != "automix":
+        # The presets are AutoMix's recipes; the comparison methods' own (spec §3 "Baseline
+        # recipes", §4.2): cosine to 0 (AutoMix's CIFAR floor is 0.05), and weight decay 5e-4
+        # for the cutting methods on CIFAR-100 ResNeXt-50. A flag still overrides both.
+        values["min_lr"] = 0.0
+        if method in CUTTING_METHODS and values.get("arch") == "resnext50_cifar" \
+                and values.get("dataset") == "cifar100":
+            values["weight_decay"] = 5e-4
     values.update(flags)
     return Config(**values), preset, why
 
@@ -319,6 +338,13 @@ def validate_config(cfg: Config):
          "second-last feature stage")
     need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
     need(cfg.lam_margin < 0.5, f"--lam-margin must be below 0.5, got {cfg.lam_margin}")
+    need(not (cfg.cuda_graphs and cfg.method in ("manifoldmix", "puzzlemix")),
+         f"--cuda-graphs replays one recorded step, but {cfg.method} changes the step's work "
+         f"with host draws (ManifoldMix's stage, PuzzleMix's grid and its host graph cut): run "
+         f"it without --cuda-graphs")
+    need(not (cfg.method == "manifoldmix" and str(cfg.arch).startswith("timm:")),
+         "--method manifoldmix mixes hidden features after a stage: it needs fastmix's ResNets or "
+         "WideResNets (their forward takes mix_at), not a timm backbone")
     need(not (cfg.export_head and cfg.method != "automix"),
          f"--export-head names one of AutoMix's four heads; --method {cfg.method} has a single "
          f"head (leave --export-head out)")

@@ -140,7 +140,9 @@ class StaticDraw(dict):
             if isinstance(v, torch.Tensor):
                 if v.shape != t.shape:
                     raise ValueError(f"draw {k!r} changed shape: {tuple(v.shape)} vs {tuple(t.shape)}")
-                t.copy_(v)
+                # non_blocking: a pinned host mask (FMix, GridMix, SmoothMix) is copied
+                # asynchronously (the host allocator keeps it alive until the copy is done)
+                t.copy_(v, non_blocking=True)
             elif isinstance(v, (tuple, list)):
                 for i, e in enumerate(v):
                     t[i].fill_(e)  # a fill with a host scalar: a kernel argument, no copy
@@ -160,6 +162,11 @@ class CUDAGraphStep:
     """
 
     def __init__(self, model, optimizer, guard, autocast, device, warmup=3, capture=None):
+        if not getattr(model, "graph_capturable", True):
+            raise ValueError(f"{type(model).__name__} ({getattr(model, 'method', '')}) cannot be "
+                             f"replayed from one recorded step: its draws change the step's work "
+                             f"(ManifoldMix's stage, PuzzleMix's grid and graph cut); train it "
+                             f"without --cuda-graphs")
         self.model, self.optimizer, self.guard, self.autocast = model, optimizer, guard, autocast
         self.device = torch.device(device)
         self.capture = self.device.type == "cuda" if capture is None else capture

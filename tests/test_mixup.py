@@ -74,6 +74,6 @@ def test_cutmix_images_leaves_input_unchanged():
 
 def test_bad_method_and_alpha():
     with pytest.raises(ValueError, match="method"):
-        MixupClassifier(build_backbone("resnet_small", 3), 10, method="puzzlemix")
+        MixupClassifier(build_backbone("resnet_small", 3), 10, method="comixup")
     with pytest.raises(ValueError, match="alpha"):
         MixupClassifier(build_backbone("resnet_small", 3), 10, alpha=-1)

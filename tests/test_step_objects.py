@@ -76,7 +76,8 @@ def run_both(steps, data, total=20):
     return losses
 
 
-@pytest.mark.parametrize("method", ["automix", "mixup", "cutmix", "vanilla"])
+@pytest.mark.parametrize("method", ["automix", "mixup", "cutmix", "vanilla", "saliencymix",
+                                    "fmix", "resizemix", "gridmix", "smoothmix"])
 def test_static_step_trains_like_the_eager_step(method):
     steps = twins(method)
     la, lb = run_both(steps, batches(4))

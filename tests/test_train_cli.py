@@ -58,7 +58,7 @@ def test_presets_resolve_and_flags_override(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--method", "puzzlemix"], "invalid choice"),
+    (["--method", "comixup"], "invalid choice"),
     (["--epochs", "0"], "--epochs must be positive"),
     (["--batch-size", "-3"], "--batch-size must be positive"),
     (["--dataset", "mnist"], "invalid choice"),
