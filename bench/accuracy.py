@@ -2,6 +2,8 @@
 """Accuracy study: AutoMix against Mixup, CutMix and vanilla on one trainer, over seeds.
 
     python bench/accuracy.py                  # the CPU protocol (make study): ~80 min on 2 cores
+    python bench/accuracy.py --methods manifoldmix,saliencymix,fmix,resizemix,gridmix,smoothmix,puzzlemix \
+        --out runs/study-methods              # the other methods of the paper's tables, same protocol
     python bench/accuracy.py --preset cifar100-r18 --data-dir DATA --epochs 400 \\
         --train-subset 0 --val-split 0 --eval-every 1   # the paper's CIFAR-100 setting (GPU)
 
