@@ -22,7 +22,7 @@ VENV_MODELS ?= .venv-models
 PY_MODELS   := $(VENV_MODELS)/bin/python
 MODELS_SPEC ?= torch==2.14.1 torchvision==0.29.1 timm
 
-.PHONY: train test test-models setup setup-models data bench bench-data study gpu-aot selfcheck clean
+.PHONY: train test test-main test-models setup setup-models data bench bench-data bench-counts study gpu-aot selfcheck clean
 
 $(VENV)/.installed: setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ $(VENV)/.installed: setup.py Makefile
 setup: $(VENV)/.installed
 
 $(VENV_MODELS)/.installed: setup.py Makefile
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	  sys.exit(0 if free >= 7 else f'.venv-models needs about 6 GB of disk (torch 2.14.1 is a CUDA \
+	build); {free:.1f} GB free here: free some space, or run make test-main for the main venv only')"
 	$(PYTHON) -m venv $(VENV_MODELS)
 	$(PY_MODELS) -m pip install -q --upgrade pip
 	$(PY_MODELS) -m pip install -q $(MODELS_SPEC)
@@ -53,9 +56,12 @@ data:
 train: setup data
 	$(PY) train.py --out runs/main --overwrite $(TRAIN_ARGS)
 
-test: setup data
-	$(PY) -m pytest -q tests bench --benchmark-disable -m "not models" $(PYTEST_ARGS)
+test: test-main
 	$(MAKE) test-models
+
+# The main venv's tests (everything but the torchvision / timm ones).
+test-main: setup data
+	$(PY) -m pytest -q tests bench --benchmark-disable -m "not models" $(PYTEST_ARGS)
 
 # The torchvision / timm tests (peers as oracles, timm and torchvision backbones).
 test-models: setup-models
@@ -69,6 +75,12 @@ study: setup data
 
 bench: setup
 	$(PY) bench/kernels.py
+
+# Bytes moved, launches, FLOPs, activation memory and read-backs of every fused op and every
+# method's training step at the real shapes, counted on fake tensors (no GPU needed, ~1 min),
+# with a roofline model of the GPU time; the tables go to bench/RESULTS.md.
+bench-counts: setup
+	mkdir -p runs && $(PY) bench/counts.py --json runs/counts.json --results bench/RESULTS.md
 
 # Compile every kernel configuration for sm_80 / sm_90 / sm_100 without a GPU (Triton's compiler
 # and ptxas); the resource table goes to bench/gpu_aot_table.md, its summary to bench/RESULTS.md.

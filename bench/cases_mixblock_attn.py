@@ -50,9 +50,7 @@ def cases(device: str, quick: bool) -> list:
     if quick:  # the CPU interpreter smoke run
         return [_case(device, "tiny", 4, 4, 16, torch.float32),
                 _case(device, "tiny", 3, 7, 24, torch.float32)]
-    dtypes = [torch.float32]
-    if str(device).startswith("cuda"):
-        dtypes.append(torch.bfloat16)
+    dtypes = [torch.float32, torch.bfloat16]
     shapes = [
         ("CIFAR R-18", 128, 8, 128),
         ("CIFAR R-18", 256, 8, 128),
@@ -60,5 +58,6 @@ def cases(device: str, quick: bool) -> list:
         ("Tiny-ImageNet", 256, 16, 128),
         ("ImageNet R-50", 128, 14, 512),
         ("ImageNet R-50", 256, 14, 512),
+        ("ImageNet R-50 stage-4 tap", 64, 7, 1024),
     ]
     return [_case(device, name, n, h, d, dt) for dt in dtypes for name, n, h, d in shapes]

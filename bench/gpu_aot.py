@@ -40,8 +40,12 @@ import time
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     sys.exit("bench/gpu_aot.py compiles for real GPUs: run it without TRITON_INTERPRET")
-# A private kernel cache: every run compiles for real (and leaves the user's cache alone).
-os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="fastmix-aot-"))
+# A private kernel cache: every run compiles for real (and leaves the user's cache alone). It is
+# removed at exit (a full sweep leaves over 1 GB of compiled kernels; the workers inherit it).
+if "TRITON_CACHE_DIR" not in os.environ:
+    import atexit
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fastmix-aot-")
+    atexit.register(shutil.rmtree, os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -52,10 +56,13 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.autotuner import Autotuner  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 import fastmix  # noqa: E402,F401  (registers fastmix.kernels in a source checkout)
 from fastmix.kernels import mask_mix, mixblock_attn, mixed_ce  # noqa: E402
+
+from bench.common import replace_section  # noqa: E402
+from bench.launches import recording  # noqa: E402
 
 # Per-block shared memory maxima (opt-in), bytes: A100 / H100 / B200.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024, 100: 227 * 1024}
@@ -68,44 +75,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-# ---- 1. recording the library's launches ---------------------------------------------------
-class _Recorder:
-    """Stands in for a launched kernel: ``rec[grid](*args, **kw)`` records the call."""
-
-    def __init__(self, name, target, log):
-        self.name, self.target, self.log = name, target, log
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.log.append((self.name, self.target, args, kwargs))
-        return launch
-
-
-class recording:
-    """Context: every module-level kernel object the launchers index (a JITFunction or an
-    Autotuner bound to a name the launchers use) records instead of running."""
-
-    MODULES = (mixblock_attn, mask_mix, mixed_ce)
-
-    def __init__(self):
-        self.log, self.saved = [], []
-
-    def __enter__(self):
-        for mod in self.MODULES:
-            src = open(mod.__file__).read()
-            for name, obj in list(vars(mod).items()):
-                if isinstance(obj, (JITFunction, Autotuner)) and f"{name}[" in src:
-                    self.saved.append((mod, name, obj))
-                    setattr(mod, name, _Recorder(f"{mod.__name__.split('.')[-1]}.{name}", obj,
-                                                 self.log))
-        return self.log
-
-    def __exit__(self, *exc):
-        for mod, name, obj in self.saved:     # restored before compiling: kernels call helpers
-            setattr(mod, name, obj)           # through the module globals
-        return False
-
-
+# ---- 1. recording the library's launches: bench/launches.py ---------------------------------
 def _variants(name, target, args, kwargs, arch, all_configs=False):
     """The compiles one recorded launch stands for on ``arch``: one, or one per autotune
     config the pruning keeps for that GPU (``all_configs``: every config, before pruning)."""
@@ -374,19 +344,6 @@ def summary_markdown(rows, command, elapsed, table_path=None):
     return "\n".join(lines) + "\n"
 
 
-def replace_section(path, text, begin="<!-- gpu-aot:begin -->", end="<!-- gpu-aot:end -->"):
-    """Put ``text`` between the markers in ``path`` (appended with them when absent)."""
-    old = open(path).read() if os.path.exists(path) else ""
-    block = f"{begin}\n{text}{end}"
-    if begin in old and end in old:
-        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path + ".tmp", "w") as f:
-        f.write(new)
-    os.replace(path + ".tmp", path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="the whole sweep (else the CI sample)")
@@ -443,7 +400,8 @@ def main(argv=None):
         with open(args.markdown, "w") as f:
             f.write(markdown(rows, command, elapsed))
     if args.results:
-        replace_section(args.results, summary_markdown(rows, command, elapsed, args.markdown))
+        replace_section(args.results, summary_markdown(rows, command, elapsed, args.markdown),
+                        "gpu-aot")
     print(f"{len(rows)} compiles in {elapsed:.0f} s; {len(bad)} problems")
     return 1 if bad and not args.all_configs else 0
 

@@ -468,11 +468,16 @@ class _MixImages(torch.autograd.Function):
         ctx.bilinear = bilinear
         if index_b is not None:
             ctx.mark_non_differentiable(outs[1])
+        # No zero-filled gradient for out_b (an image-sized buffer and a launch per step,
+        # bench/counts.py): the unused gradients arrive as None.
+        ctx.set_materialize_grads(False)
         return outs
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_a, *unused):
+        if grad_a is None:                     # out_a did not reach the loss
+            return None, None, None, None, None, None, None
         x, index_a, logits_a = ctx.saved_tensors
         grad = _launch_backward(x, index_a, logits_a, grad_a, ctx.bilinear)
         return None, None, grad, None, None, None, None

@@ -486,3 +486,82 @@ def test_silently_accepted_api_inputs_are_refused():
     r = subprocess.run([sys.executable, "-c", "import fastmix.kernels, fastmix; "
                         "print(fastmix.kernels.__name__)"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "fastmix.kernels", r.stderr
+
+
+def test_step_guard_restores_buffers_of_every_dtype_and_keeps_a_good_step():
+    """The guard's flat backup (one cat before, cat + where + foreach copy after, per dtype):
+    a non-finite step puts back fp32 and bf16 buffers of any shape, NaN-filled ones included;
+    a finite step keeps the step's values bit for bit; integer buffers are not touched."""
+    m = torch.nn.Module()
+    m.register_buffer("a", torch.randn(5))
+    m.register_buffer("b", torch.randn(3, dtype=torch.bfloat16))
+    m.register_buffer("c", torch.randn(2, 4))
+    m.register_buffer("n", torch.tensor(7))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    guard = engine.StepGuard(m, torch.device("cpu"))
+
+    def step(loss):
+        guard.before()
+        start = {k: v.clone() for k, v in m.state_dict().items()}
+        m.a.add_(1.0 / 3)
+        m.b.mul_(3)
+        m.c.fill_(float("nan"))
+        m.n.add_(1)
+        moved = {k: v.clone() for k, v in m.state_dict().items()}
+        ok = guard.after_backward(torch.tensor(loss), opt)
+        return ok, start, moved
+
+    ok, start, moved = step(float("nan"))
+    assert not ok.item() and opt.found_inf.item() == 1
+    for k in "abc":
+        assert torch.equal(getattr(m, k), start[k]), k
+    assert m.n.item() == 8                       # not a float buffer: left as the step left it
+    ok, start, moved = step(1.5)
+    assert ok.item()
+    assert torch.equal(m.a, moved["a"]) and torch.equal(m.b, moved["b"])
+    assert torch.isnan(m.c).all() and m.b.dtype == torch.bfloat16
+    assert guard.total.item() == 1
+
+
+def test_an_index_is_range_checked_again_only_after_it_changes():
+    """check_index remembers a passed check per tensor version: the same labels handed to a
+    second op are not read again, an in-place write or a tighter bound re-checks them, and a
+    bad value written after a good check is still caught."""
+    from fastmix.checks import check_index, device_side_index_checks
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    y = torch.tensor([0, 3, 1, 2])
+    cpu = torch.device("cpu")
+    with Ops() as ops:
+        check_index("y", y, 4, cpu, "x", high=10)
+        check_index("y", y, 4, cpu, "x", high=10)       # same version: nothing read
+        check_index("y", y, 4, cpu, "x", high=20)       # looser bound: still nothing
+    assert ops.names.count("min") == 1 and ops.names.count("max") == 1
+    with Ops() as ops:
+        check_index("y", y, 4, cpu, "x", high=4)        # tighter bound: read again
+    assert ops.names.count("min") == 1
+    y[2] = 9                                            # an in-place write after the check
+    with pytest.raises(IndexError, match=r"\[0, 4\).*found 9"):
+        check_index("y", y, 4, cpu, "x", high=4)
+    with pytest.raises(IndexError, match="found 9"):    # a failed check is not remembered
+        check_index("y", y, 4, cpu, "x", high=4)
+    z = torch.tensor([1, 0])
+    with device_side_index_checks(), Ops() as ops:      # the CUDA path: asserted once
+        check_index("z", z, 2, cpu, "x")
+        check_index("z", z, 2, cpu, "x")
+    assert ops.names.count("_assert_async") == 1
+    with torch.inference_mode():                        # no version counter: always checked
+        w = torch.tensor([5])
+    with pytest.raises(IndexError):
+        check_index("w", w, 1, cpu, "x", high=3)
+    with pytest.raises(IndexError):
+        check_index("w", w, 1, cpu, "x", high=3)
