@@ -57,7 +57,7 @@ import sys
 import time
 import traceback
 import weakref
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 # The fused ops run on CPU tensors only under the interpreter switch; nothing is executed here.
 os.environ.setdefault("TRITON_INTERPRET", "1")
