@@ -26,6 +26,11 @@ class NonFiniteLossError(FloatingPointError):
     """Too many consecutive training steps had a NaN/Inf loss."""
 
 
+def _flat(buffers, out=None):
+    """The buffers' values one after the other in one 1-d tensor (one ``cat`` launch)."""
+    return torch.cat([b.detach().reshape(-1) for b in buffers], out=out)
+
+
 class StepGuard:
     """Skip a step whose loss is NaN/Inf without reading the device.
 
@@ -44,11 +49,11 @@ class StepGuard:
     def __init__(self, model, device, enabled=True):
         self.enabled, self.device = enabled, device
         self.buffers = [b for b in model.buffers() if b.is_floating_point()] if enabled else []
-        self.groups = {}                               # dtype -> (buffers, flat backup)
+        by_dtype = {}
         for b in self.buffers:
-            self.groups.setdefault(b.dtype, ([], None))[0].append(b)
-        self.groups = {dt: (bs, torch.cat([b.detach().reshape(-1) for b in bs]))
-                       for dt, (bs, _) in self.groups.items()}
+            by_dtype.setdefault(b.dtype, []).append(b)
+        # dtype -> (its buffers, their flat backup)
+        self.groups = {dt: (bs, _flat(bs)) for dt, bs in by_dtype.items()}
         z = lambda: torch.zeros((), dtype=torch.int64, device=device)  # noqa: E731
         self.total, self.run, self.max_run = z(), z(), z()
 
@@ -58,7 +63,7 @@ class StepGuard:
 
     def before(self):
         for bs, flat in self.groups.values():
-            torch.cat([b.detach().reshape(-1) for b in bs], out=flat)
+            _flat(bs, out=flat)
 
     def after_backward(self, loss, optimizer, scaler=None):
         """Returns the 0-d bool ``finite`` flag of this step (a device tensor)."""
@@ -76,10 +81,10 @@ class StepGuard:
             optimizer.found_inf = (~ok).float()
             optimizer.grad_scale = None
         for bs, flat in self.groups.values():
-            now = torch.cat([b.detach().reshape(-1) for b in bs])
+            now = _flat(bs)
             torch.where(ok, now, flat, out=now)
-            torch._foreach_copy_([b.detach() for b in bs],
-                                 [c.view_as(b) for c, b in zip(now.split([b.numel() for b in bs]), bs)])
+            parts = now.split([b.numel() for b in bs])
+            torch._foreach_copy_([b.detach() for b in bs], [p.view_as(b) for p, b in zip(parts, bs)])
         bad = (~ok).long()
         self.total.add_(bad)
         self.run.add_(1).mul_(bad)
