@@ -31,6 +31,12 @@ def device_side_index_checks():
         _DEVICE_SIDE = previous
 
 
+def check_host_lam(lam):
+    """A λ drawn on the host for a box or mask (CutMix, FMix, GridMix): a number in [0, 1]."""
+    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
+        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+
+
 def describe(t):
     """``shape (..)`` of a tensor, else the type name: for error messages."""
     return f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__

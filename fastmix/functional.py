@@ -16,8 +16,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastmix.checks import (attention_scale, check_attention, check_cross_entropy, check_mix,
-                            check_mix_pair, check_upsample_mode, scalar_tensor)
+from fastmix.checks import (attention_scale, check_attention, check_cross_entropy,
+                            check_host_lam, check_mix, check_mix_pair, check_upsample_mode,
+                            scalar_tensor)
 
 def _triton_available():
     try:
@@ -234,8 +235,7 @@ def cutmix_box(height, width, lam, rng):
     ``lam_adjusted = 1 - box area / image area`` (the λ the labels must use). Host-side
     integers only: no device memory is read.
     """
-    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
-        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+    check_host_lam(lam)
     ratio = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))

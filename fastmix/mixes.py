@@ -24,10 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def _check_lam(lam):
-    if not (isinstance(lam, (int, float)) and 0.0 <= lam <= 1.0):
-        raise ValueError(f"lam must be a number in [0, 1], got {lam!r}")
+from fastmix.checks import check_host_lam
 
 
 # ---- ResizeMix ----------------------------------------------------------------------------------
@@ -111,7 +108,7 @@ def fmix_mask(height, width, lam, rng, decay_power=3.0):
     FMix keeps ``x`` where its binarised noise is 1 (``num`` ≈ ``λ HW`` pixels), so the
     partner's weight is ``1 -`` that mask. FMix labels with the sampled λ; the kept area
     ``num / HW`` differs from it by less than ``1 / HW`` and is what fastmix uses."""
-    _check_lam(lam)
+    check_host_lam(lam)
     keep = binarise_top(fourier_low_freq_image(height, width, decay_power, rng), lam, rng)
     return 1.0 - keep, float(keep.mean())
 
@@ -128,7 +125,7 @@ def gridmix_mask(height, width, lam, rng, n_holes=(2, 6), hole_aspect_ratio=(1.0
     Each range is drawn uniformly per batch (``n_holes`` as an integer); the defaults are
     OpenMixup's ``MixUpClassification`` ones. The crop is clamped to the image (OpenMixup would
     index outside it when ``cut_aspect_ratio`` makes it taller than the image)."""
-    _check_lam(lam)
+    check_host_lam(lam)
     n = int(rng.integers(n_holes[0], n_holes[1] + 1))
     har = float(rng.uniform(*hole_aspect_ratio))
     car = float(rng.uniform(*cut_area_ratio))
@@ -200,7 +197,7 @@ def saliency_box(saliency, lam):
         h, w = saliency.shape
         cut_h, cut_w = (h * ratio).floor().long(), (w * ratio).floor().long()
     else:
-        _check_lam(lam)
+        check_host_lam(lam)
         h, w = saliency.shape
         ratio = math.sqrt(1.0 - lam)
         cut_h, cut_w = int(h * ratio), int(w * ratio)
