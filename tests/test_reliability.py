@@ -465,8 +465,11 @@ def test_fused_and_eager_agree_on_out_of_range_labels_and_indices():
 def test_silently_accepted_api_inputs_are_refused():
     from fastmix.functional import cutmix_box, mix_images
     import numpy as np
-    with pytest.raises(ValueError, match=r"lam must be a number in \[0, 1\]"):
-        cutmix_box(8, 8, 1.5, np.random.default_rng(0))
+    from fastmix.mixes import fmix_mask, gridmix_mask
+    for draw in (cutmix_box, fmix_mask, gridmix_mask):
+        for lam in (1.5, -0.1, "0.5"):
+            with pytest.raises(ValueError, match=r"lam must be a number in \[0, 1\]"):
+                draw(8, 8, lam, np.random.default_rng(0))
     with pytest.raises(ValueError, match=r"\[N, 1, h, w\]"):
         mix_images(torch.randn(2, 3, 8, 8), torch.tensor([1, 0]), torch.randn(2, 3, 2, 2),
                    fused=False)
