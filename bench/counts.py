@@ -33,8 +33,9 @@ no data), so the R-50 224 px step counts as fast as the CIFAR one. What is count
   what ``torch.cuda.max_memory_allocated`` would report without the caching allocator's
   rounding, the figure closest to the GPU memory of the paper's tables.
 * **read-backs**: aten ops that copy a device value to the host (``.item()``, ``bool()``,
-  ``nonzero``...), each a host sync on a GPU. The index checks of ``fastmix.checks`` read the
-  index on the CPU only (on CUDA they are ``torch._assert_async``) and are listed apart.
+  ``nonzero``...), each a host sync on a GPU. The index checks of ``fastmix.checks`` are
+  counted as CUDA runs them (``device_side_index_checks``: a ``torch._assert_async``, no read);
+  any other value ``fastmix.checks`` reads on the host is listed apart (``cpu_checks``).
 
 The **modelled GPU time** is a roofline model, not a measurement: per op
 ``max(bytes / 3.35 TB/s, FLOPs / peak)`` (H100 SXM: HBM3 3.35 TB/s; bf16/fp16 989 TFLOP/s
@@ -166,7 +167,7 @@ class Tally:
     saved: int = 0                    # bytes held for backward at the end of the call
     roofline_s: float = 0.0           # sum over launches of max(bytes/BW, FLOPs/peak)
     read_backs: list = field(default_factory=list)     # (op, where)
-    cpu_checks: int = 0               # fastmix.checks' CPU-only index reads
+    cpu_checks: int = 0               # host reads made inside fastmix.checks
     by_op: dict = field(default_factory=dict)          # name -> [launches, bytes]
     peak: int = 0                     # MemTracker's peak (steps only)
     flops_counter: int = 0            # FlopCounterMode's own total (aten ops only)
@@ -595,7 +596,7 @@ def main(argv=None):
         text += "#### Per training step\n\n" + step_table(steps) + "\n"
         notes = read_back_notes(steps)
         text += ("Read-backs in the step:\n" + notes if notes else
-                 "No read-back in any step (fastmix.checks' CPU-only index reads excluded).\n")
+                 "No read-back in any step.\n")
     print(text)
     if args.json:
         with open(args.json, "w") as f:
