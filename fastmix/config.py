@@ -133,8 +133,9 @@ class Config:
     compile: bool = opt(None, "torch.compile the backbones (default: on CUDA)", kind="pair")
     cuda_graphs: bool = opt(False, "capture the whole training step in one CUDA graph and replay "
                             "it (CUDA, one process, bf16 or fp32)", kind="switch")
-    optimizer_impl: str = opt("torch", "torch SGD (fused=True on CUDA) or apex FusedSGD (needs "
-                              "apex)", choices=("torch", "apex"))
+    optimizer_impl: str = opt("torch", "torch SGD (fused=True) or apex FusedSGD (needs apex; it "
+                              "ignores found_inf, so a NaN/Inf step is skipped with one host read "
+                              "a step, and --cuda-graphs refuses it)", choices=("torch", "apex"))
 
 
 def config_from_dict(values):
@@ -342,6 +343,10 @@ def validate_config(cfg: Config):
          f"--cuda-graphs replays one recorded step, but {cfg.method} changes the step's work "
          f"with host draws (ManifoldMix's stage, PuzzleMix's grid and its host graph cut): run "
          f"it without --cuda-graphs")
+    need(not (cfg.cuda_graphs and cfg.optimizer_impl == "apex"),
+         "--cuda-graphs needs --optimizer-impl torch: apex's FusedSGD ignores found_inf (a "
+         "captured step could not skip a NaN/Inf step) and takes the learning rate as a host "
+         "float, where a captured step holds it in a device tensor")
     need(not (cfg.method == "manifoldmix" and str(cfg.arch).startswith("timm:")),
          "--method manifoldmix mixes hidden features after a stage: it needs fastmix's ResNets or "
          "WideResNets (their forward takes mix_at), not a timm backbone")

@@ -28,7 +28,8 @@ from fastmix.functional import FUSED_OPS, set_op_paths, use_fused
 from fastmix.mixup import MixupClassifier
 from fastmix.runtime import autocast_context, init_distributed, resolve_device, resolve_runtime
 from fastmix.schedules import cosine
-from fastmix.step import CUDAGraphStep, NonFiniteLossError, StepGuard, TrainStep  # noqa: F401
+from fastmix.step import (CUDAGraphStep, NonFiniteLossError, StepGuard, TrainStep,  # noqa: F401
+                          init_momentum_buffers)
 
 
 # ---- building ----------------------------------------------------------------------------------
@@ -80,13 +81,18 @@ def build_optimizer(cfg: Config, model, fused=False):
         except ImportError as e:
             raise ValueError("--optimizer-impl apex needs NVIDIA apex, which is not importable "
                              "here; use --optimizer-impl torch (fused=True on CUDA)") from e
-        return FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # apex's FusedSGD ignores found_inf: TrainStep skips a NaN/Inf step on the host (one
+        # read of the finite flag a step) and --cuda-graphs refuses it (fastmix.config).
+        return init_momentum_buffers(FusedSGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                              weight_decay=cfg.weight_decay))
     if cfg.optimizer_impl != "torch":
         raise ValueError(f"optimizer_impl must be torch or apex, got {cfg.optimizer_impl!r}")
     # fused=True: one multi-tensor kernel for the whole update; it also honours ``found_inf``,
     # which is how a non-finite step is skipped without a host sync (CPU and CUDA alike).
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                           fused=fused)
+    # The momentum buffers start as zeros: a skipped first step must not leave them
+    # uninitialised (fastmix.step.init_momentum_buffers).
+    return init_momentum_buffers(torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+                                                 weight_decay=cfg.weight_decay, fused=fused))
 
 
 def build_training(cfg: Config, device, in_chans, num_classes, rank=0):

@@ -2,7 +2,8 @@
 
 Both are called as ``step_fn(x, y, step, total_steps) -> (loss, logs, finite)`` and do the same
 work: the method's random draws, forward under autocast, backward, a guarded optimizer step
-(``StepGuard``: a NaN/Inf step is skipped on the device) and the after-step update (AutoMix's
+(``StepGuard``: a NaN/Inf step is skipped on the device by torch's fused optimizers, on the
+host for an optimizer that ignores ``found_inf``) and the after-step update (AutoMix's
 EMA of the momentum encoder). Neither reads device memory on the host.
 
 ``CUDAGraphStep`` keeps every per-step input in static device tensors updated in place before
@@ -29,6 +30,38 @@ class NonFiniteLossError(FloatingPointError):
 def _flat(buffers, out=None):
     """The buffers' values one after the other in one 1-d tensor (one ``cat`` launch)."""
     return torch.cat([b.detach().reshape(-1) for b in buffers], out=out)
+
+
+def skips_on_device(optimizer) -> bool:
+    """True when ``optimizer.step()`` reads ``found_inf`` and skips a bad step on the device:
+    torch's fused optimizers (``fused=True``). Others (apex's FusedSGD, torch's foreach and
+    for-loop paths) ignore it, so a guarded step must skip them on the host."""
+    return isinstance(optimizer, torch.optim.Optimizer) and bool(
+        optimizer.defaults.get("fused")) and type(optimizer).__module__.startswith("torch.optim")
+
+
+def init_momentum_buffers(optimizer):
+    """Create every SGD momentum buffer as zeros before the first step.
+
+    torch's fused SGD creates missing buffers with ``torch.empty_like`` inside its first
+    ``step()`` and fills them only if the kernel runs; a first step skipped through
+    ``found_inf`` (a NaN batch, an fp16 overflow) leaves them uninitialised and the next good
+    step reads garbage. With dampening 0, a zero buffer gives the same first update bit for bit
+    (``buf = momentum * 0 + grad``). Buffers that exist (a resumed state) are kept."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return optimizer
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        if group.get("dampening", 0):
+            raise ValueError("fastmix's step guard needs SGD with dampening 0 (a skipped first "
+                             "step is only safe with zero-initialised momentum buffers, which "
+                             "equal torch's first step only without dampening)")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return optimizer
 
 
 class StepGuard:
@@ -77,7 +110,9 @@ class StepGuard:
             bad = (~ok).float()
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
             ok = bad == 0
-        if scaler is None or not scaler.is_enabled():  # with fp16 the GradScaler does this
+        if (scaler is None or not scaler.is_enabled()) and skips_on_device(optimizer):
+            # with fp16 the GradScaler does this; an optimizer that ignores found_inf is
+            # skipped on the host by the step (TrainStep.host_skip)
             optimizer.found_inf = (~ok).float()
             optimizer.grad_scale = None
         for bs, flat in self.groups.values():
@@ -116,6 +151,11 @@ class TrainStep:
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.step_model = step_model or model
         self.set_to_none = set_to_none
+        init_momentum_buffers(optimizer)
+        # An optimizer that ignores found_inf (apex FusedSGD, non-fused torch) is skipped on the
+        # host: one read of the finite flag per step, the only host sync of such a step. With
+        # an enabled GradScaler the scaler does that read itself.
+        self.host_skip = guard.enabled and not skips_on_device(optimizer)
 
     def __call__(self, x, y, step, total_steps, draw=None):
         self.guard.before()
@@ -125,7 +165,8 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
         ok = self.guard.after_backward(loss, self.optimizer, self.scaler)
-        self.scaler.step(self.optimizer)
+        if not (self.host_skip and not self.scaler.is_enabled() and not bool(ok)):
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.model.after_step(step, total_steps, ok)
         return loss.detach(), logs, ok
@@ -175,7 +216,8 @@ class CUDAGraphStep:
     """The whole step captured in one CUDA graph and replayed (``--cuda-graphs``).
 
     The first ``warmup`` calls run the step body eagerly on a side stream (real training steps:
-    they compile, autotune and create the optimizer's momentum buffers); the next call captures
+    they compile and autotune; the momentum buffers exist as zeros from the start,
+    ``init_momentum_buffers``); the next call captures
     it and every later call replays it. With ``capture=False`` (any device, the CPU included)
     the same static-tensor body runs eagerly every call: that is what the CPU tests compare
     with ``TrainStep``. A batch of another shape runs the body eagerly (not captured) with the
@@ -193,6 +235,12 @@ class CUDAGraphStep:
         self.capture = self.device.type == "cuda" if capture is None else capture
         if self.capture and self.device.type != "cuda":
             raise ValueError("CUDA graph capture needs a CUDA device")
+        if guard.enabled and not skips_on_device(optimizer):
+            raise ValueError(f"{type(optimizer).__module__}.{type(optimizer).__name__} ignores "
+                             f"found_inf, so a captured step could not skip a NaN/Inf step on "
+                             f"the device: use torch's fused optimizer (--optimizer-impl torch) "
+                             f"with --cuda-graphs")
+        init_momentum_buffers(optimizer)
         self.warmup = max(int(warmup), 1)
         self.calls = 0
         self.graph = None

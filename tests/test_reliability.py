@@ -500,7 +500,7 @@ def test_step_guard_restores_buffers_of_every_dtype_and_keeps_a_good_step():
     m.register_buffer("b", torch.randn(3, dtype=torch.bfloat16))
     m.register_buffer("c", torch.randn(2, 4))
     m.register_buffer("n", torch.tensor(7))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, fused=True)
     guard = engine.StepGuard(m, torch.device("cpu"))
 
     def step(loss):

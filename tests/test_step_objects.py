@@ -338,3 +338,135 @@ def test_trainer_with_cuda_graphs_gpu(tmp_path):
                         "--test-subset", "100", "--cuda-graphs", "--no-progress",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+# ---- a skipped first step ------------------------------------------------------------------
+def _first_step_runs(method, step_cls, good=3):
+    """(model that saw a NaN first batch, then ``good`` batches; model that saw only those)."""
+    cfg = Config(lr=0.1, weight_decay=5e-4, amp="none")
+    data = batches(good + 1, seed=11)
+    nan_x = data[0][0].clone()
+    nan_x[:, :, :4, :4] = float("nan")         # a real non-finite batch through the real step
+    a = make(method)
+    b = copy.deepcopy(a)
+    models = []
+    for model, first in ((a, True), (b, False)):
+        opt = build_optimizer(cfg, model, fused=True)
+        guard = StepGuard(model, CPU)
+        ac = lambda: autocast_context(cfg, CPU)  # noqa: E731
+        fn = (TrainStep(model, opt, guard, ac) if step_cls is TrainStep else
+              CUDAGraphStep(model, opt, guard, ac, CPU, capture=False))
+        # Churn the allocator so that freshly allocated memory holds old values, as it does in
+        # a real run (torch.empty_like then returns garbage, not zero pages).
+        junk = [torch.full_like(p, 3.0e37) for p in model.parameters()]
+        del junk
+        if first:
+            _, _, ok = fn(nan_x, data[0][1], 0, 10)
+            assert not ok.item()
+        torch.manual_seed(5)                   # the good steps draw the same permutations / λ
+        if hasattr(model, "rng"):
+            import numpy as np
+            model.rng = np.random.default_rng(5)
+        for i, (x, y) in enumerate(data[1:], start=1):
+            _, _, ok = fn(x, y, i, 10)
+            assert ok.item()
+        models.append((model, opt, guard))
+    return models
+
+
+@pytest.mark.parametrize("step_cls", [TrainStep, CUDAGraphStep])
+@pytest.mark.parametrize("method", ["vanilla", "automix"])
+def test_a_skipped_first_step_leaves_no_trace(method, step_cls):
+    """A NaN first batch is skipped; the weights then equal a run that never saw it (the
+    optimizer's momentum buffers exist as zeros before the first step: torch's fused SGD would
+    create them with empty_like inside the skipped step and leave them unwritten)."""
+    (a, opt_a, guard_a), (b, opt_b, _) = _first_step_runs(method, step_cls)
+    assert guard_a.total.item() == 1
+    sa, sb = a.state_dict(), b.state_dict()
+    for k in sa:
+        if "num_batches_tracked" not in k:
+            assert torch.equal(sa[k], sb[k]), k
+    for pa, pb in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+        assert torch.equal(opt_a.state[pa]["momentum_buffer"], opt_b.state[pb]["momentum_buffer"])
+
+
+def test_zero_momentum_buffers_give_torchs_first_step_bit_for_bit():
+    torch.manual_seed(0)
+    p0 = torch.randn(1000)
+    g = torch.randn(1000)
+    out = []
+    for init in (False, True):
+        p = p0.clone().requires_grad_()
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4, fused=True)
+        if init:
+            from fastmix.step import init_momentum_buffers
+            init_momentum_buffers(opt)
+        for _ in range(3):
+            p.grad = g.clone()
+            opt.step()
+        out.append((p.detach().clone(), opt.state[p]["momentum_buffer"].clone()))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_dampening_is_refused_by_the_guarded_step():
+    from fastmix.step import init_momentum_buffers
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="dampening 0"):
+        init_momentum_buffers(torch.optim.SGD([p], lr=0.1, momentum=0.9, dampening=0.1))
+
+
+def test_an_optimizer_that_ignores_found_inf_is_skipped_on_the_host():
+    """apex's FusedSGD (not installable here) ignores found_inf like torch's foreach SGD: the
+    eager step then skips a bad step by reading the finite flag; the captured step refuses it."""
+    from fastmix.step import skips_on_device
+    cfg = Config(lr=0.1, amp="none")
+    model = make("vanilla")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=True)
+    assert not skips_on_device(opt) and skips_on_device(build_optimizer(cfg, make("vanilla"),
+                                                                        fused=True))
+    guard = StepGuard(model, CPU)
+    fn = TrainStep(model, opt, guard, lambda: autocast_context(cfg, CPU))
+    assert fn.host_skip
+    (x, y), = batches(1)
+    fn(x, y, 0, 10)
+    before = copy.deepcopy(model.state_dict())
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    _, _, ok = fn(bad, y, 1, 10)
+    assert not ok.item()
+    for k, v in model.state_dict().items():
+        if "num_batches_tracked" not in k:
+            assert torch.equal(v, before[k]), k
+    _, _, ok = fn(x, y, 2, 10)
+    after = model.state_dict()
+    assert ok.item() and any(not torch.equal(after[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="ignores found_inf"):
+        CUDAGraphStep(model, opt, guard, lambda: autocast_context(cfg, CPU), CPU, capture=False)
+
+
+def test_cuda_graphs_with_apex_is_refused_before_any_work():
+    from fastmix.config import validate_config
+    with pytest.raises(ValueError, match="--cuda-graphs needs --optimizer-impl torch"):
+        validate_config(Config(cuda_graphs=True, optimizer_impl="apex"))
+
+
+@pytest.mark.gpu
+def test_a_skipped_first_warmup_step_leaves_no_trace_gpu():
+    """The CUDA-graph step's first warm-up step is NaN: after capture and replays the weights
+    equal a run that never saw it."""
+    dev = torch.device("cuda")
+    data = [(x.contiguous(memory_format=torch.channels_last), y)
+            for x, y in batches(6, n=16, size=32, device=dev)]
+    nan_x = data[0][0].clone()
+    nan_x[:, :, :4, :4] = float("nan")
+    (a, _, _, fa), (b, _, _, fb) = gpu_twins("automix")   # b's step is captured
+    _, _, ok = fb(nan_x, data[0][1], 0, 10)                # its first warm-up step
+    assert not ok.item()
+    for model, fn in ((a, fa), (b, fb)):
+        torch.manual_seed(5)
+        import numpy as np
+        model.rng = np.random.default_rng(5)
+        for i, (x, y) in enumerate(data[1:], start=1):
+            fn(x, y, i, 10)
+    assert fb.graph is not None
+    assert_same_state(a, b, rtol=2e-2, atol=2e-3)
