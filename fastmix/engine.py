@@ -415,13 +415,26 @@ def summarize(history, model, cfg, wall_time):
             "wall_time_s": wall_time, "config": asdict(cfg)}
 
 
-def select_op_paths(cfg, device, rank):
+def batch_description(loader, in_chans):
+    """``(shape, dtype, channels_last)`` of the loader's training batches."""
+    if isinstance(loader, TensorLoader):
+        hw = tuple(loader.images.shape[-2:])
+    else:
+        hw = (loader.size, loader.size) if isinstance(loader.size, int) else tuple(loader.size)
+    return ((loader.batch_size, in_chans) + hw, getattr(loader, "dtype", torch.float32),
+            bool(getattr(loader, "channels_last", False)))
+
+
+def select_op_paths(cfg, device, rank, model=None, batch=None, num_classes=None):
     """The path each fused op takes in this run and why: ``{op: {"path", "reason"}}``.
 
     With the self-check (on CUDA unless ``--no-selfcheck``; on the CPU with ``--selfcheck``,
-    under the interpreter) each fused op is first compared with its eager twin
-    (``fastmix.selfcheck.check_ops``, report in OUT/selfcheck.json); one that raises or
-    disagrees runs as its eager twin for the whole run, with one warning."""
+    under the interpreter) each fused op is first compared with its eager twin on the calls
+    this run's step makes (variants, shapes, dtypes: ``selfcheck.record_op_calls`` of
+    ``model`` on a ``batch = (shape, dtype, channels_last)``), in a child process
+    (``selfcheck.check_ops_isolated``; report in OUT/selfcheck.json); one that raises, crashes
+    the child, hangs or disagrees runs as its eager twin for the whole run, with one
+    warning. Without a model, the self-check's own fixed cases."""
     if cfg.eager:
         return {op: {"path": "eager", "reason": "--eager"} for op in FUSED_OPS}
     if not (device.type == "cuda" if cfg.selfcheck is None else cfg.selfcheck):
@@ -429,9 +442,26 @@ def select_op_paths(cfg, device, rank):
         reason = "--no-selfcheck" if cfg.selfcheck is False else "no CUDA device: the eager twins"
         return {op: {"path": path, "reason": reason} for op in FUSED_OPS}
     from fastmix import selfcheck
-    ops = selfcheck.check_ops(device)
     report = os.path.join(cfg.out, "selfcheck.json" if rank == 0 else f"selfcheck.rank{rank}.json")
-    selfcheck.write_report({"environment": selfcheck.environment(device), "ops": ops}, report)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    dtypes = (torch.float32,) + ((amp,) if amp is not None else ())
+    calls, recorded = None, False
+    if model is not None:
+        shape, dtype, channels_last = batch
+        try:
+            calls = selfcheck.record_op_calls(model, shape, num_classes,
+                                              lambda: autocast_context(cfg, device), dtype,
+                                              channels_last)
+            recorded = True
+        except Exception as e:     # draws that read values (PuzzleMix): the fixed cases
+            warnings.warn(f"fastmix: the self-check could not record this run's op calls "
+                          f"({type(e).__name__}: {e}); it checks its own cases instead",
+                          RuntimeWarning, stacklevel=2)
+    if calls is None:
+        calls = selfcheck.fixed_calls(device, dtypes)
+    ops = selfcheck.check_ops_isolated(device, calls)
+    selfcheck.write_report({"environment": selfcheck.environment(device), "ops": ops,
+                            "calls": calls, "calls_recorded_from_the_run": recorded}, report)
     paths = {}
     for op, r in ops.items():
         if r["ok"]:
@@ -468,12 +498,13 @@ def _train(cfg):
     state = load_training_checkpoint(resume_path, cfg, world) if cfg.resume else None
     check_devices(cfg, world, rank)
     claim_out(cfg, rank)
-    op_paths = select_op_paths(cfg, device, rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(cfg.seed + rank)  # per-rank permutations and λ, as on the official DDP
     train_loader, val_loader, test_loader, test_set, in_chans, num_classes = build_data(
         cfg, device, rank, world)
     model, optimizer, scaler = build_training(cfg, device, in_chans, num_classes, rank)
+    op_paths = select_op_paths(cfg, device, rank, model,
+                               batch_description(train_loader, in_chans), num_classes)
     start_epoch, skip, step, history, partial = restore(state, model, optimizer, scaler, rank,
                                                         resume_path)
     metrics = MetricsLog(cfg, rank, history)
@@ -497,6 +528,9 @@ def _train(cfg):
         record = {"epoch": epoch + 1, "step": step,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
                   "losses": losses, "images_per_s": ips * world}
+        if hasattr(train_loader, "cpu_fallbacks"):
+            # JPEGs the device decoder refused and the CPU decoded, so far in the run
+            record["decode_cpu_fallbacks"] = train_loader.cpu_fallbacks
         if eval_due(epoch, cfg):
             if val_loader is not None:
                 record["val_top1"] = evaluate(model, val_loader, world)

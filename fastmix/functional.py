@@ -63,6 +63,15 @@ def set_op_paths(paths):
 
 _NO_IGNORE = -(2 ** 62)
 
+# While fastmix.selfcheck records which variants, shapes and dtypes a run's step calls
+# (``selfcheck.record_op_calls``): a callable ``(dispatcher name, positional args)``.
+_CALL_RECORDER = None
+
+
+def _record(name, *args):
+    if _CALL_RECORDER is not None:
+        _CALL_RECORDER(name, args)
+
 
 # ---- mixed cross-entropy (kernels/mixed_ce.py) ------------------------------------------------
 def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0, fused=None):
@@ -71,6 +80,7 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
     ``lam`` may be a Python float or a 0-d tensor (never read on the host). ``target_b=None``
     gives plain cross-entropy. Label smoothing follows ``F.cross_entropy(label_smoothing=)``.
     """
+    _record("mixed_cross_entropy", logits, target_a, target_b, lam, label_smoothing)
     if use_fused(logits, fused, "mixed_cross_entropy"):
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
@@ -100,6 +110,7 @@ def mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scal
     """``softmax((qk + q_bias) (qk[index] + k_bias)^T * scale) @ (v[index] + v_bias)`` per
     sample, [N, L] fp32: the Mix Block's attention of each sample over its partner's
     positions (``qk`` [N, L, D] is the shared query/key projection, ``v`` [N, L])."""
+    _record("mixblock_attention", qk, v, index, q_bias, k_bias, v_bias, scale)
     if use_fused(qk, fused, "mixblock_attention"):
         from fastmix.kernels.mixblock_attn import mixblock_attention as fused_attention
         return fused_attention(qk, v, index, q_bias, k_bias, v_bias, scale)
@@ -132,6 +143,7 @@ def mix_images(x, index, mask_logits=None, lam=None, mode="nearest", fused=None)
     """Mix each image with its partner ``x[index]``: ``x * (1 - s) + x[index] * s`` with
     ``s = sigmoid(upsample(mask_logits))`` ([N, 1, h, w] logits; s weights the partner), or
     with a constant ``lam * x + (1 - lam) * x[index]`` (``lam``: the weight of x)."""
+    _record("mix_images", x, index, mask_logits, lam, mode)
     if use_fused(x, fused, "mix_images"):
         from fastmix.kernels.mask_mix import mix_images as fused_mix
         return fused_mix(x, index, mask_logits, lam, mode)
@@ -143,6 +155,7 @@ def mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_
     """Both mixed batches of an AutoMix step: ``(mix_images(x, index_a, mask_logits_a),
     mix_images(x, index_b, mask_logits_b or lam_b))``; the second gets no gradient. Fused,
     one launch reads each image and its two partners once."""
+    _record("mix_images_pair", x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)
     if use_fused(x, fused, "mix_images"):
         from fastmix.kernels.mask_mix import mix_images_pair as fused_pair
         return fused_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mode)

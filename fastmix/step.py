@@ -220,8 +220,9 @@ class CUDAGraphStep:
     ``init_momentum_buffers``); the next call captures
     it and every later call replays it. With ``capture=False`` (any device, the CPU included)
     the same static-tensor body runs eagerly every call: that is what the CPU tests compare
-    with ``TrainStep``. A batch of another shape runs the body eagerly (not captured) with the
-    same semantics. Needs one process (no DDP) and no GradScaler (bf16 or fp32).
+    with ``TrainStep``. Before the capture a batch of another shape runs the body eagerly with
+    the same semantics; after it, another shape is refused (its eager step would need a second
+    step's memory beside the graph's pool): training loaders drop the last partial batch. Needs one process (no DDP) and no GradScaler (bf16 or fp32).
     """
 
     def __init__(self, model, optimizer, guard, autocast, device, warmup=3, capture=None):
@@ -307,7 +308,14 @@ class CUDAGraphStep:
         self.model.set_progress(step, total_steps)
         draw = self.model.draw(x)
         if self.x is not None and (x.shape != self.x.shape or y.shape != self.y.shape):
-            # Another batch shape (a last partial batch): the eager step with this draw. It
+            if self.graph is not None:
+                # The eager step would allocate its activations beside the graph's reserved
+                # pool (twice a step's memory) and run outside the graph.
+                raise ValueError(
+                    f"CUDAGraphStep captured batches of {tuple(self.x.shape)}; got "
+                    f"{tuple(x.shape)}. Give a captured step batches of one shape (drop the "
+                    f"last partial batch: drop_last=True, as fastmix's training loaders do)")
+            # Before the capture (or with capture=False): the eager step with this draw. It
             # zeroes the static gradients rather than dropping them.
             return self.uncaptured(x, y, step, total_steps, draw)
         self._load(x, y, draw, self.model.step_scalars(step, total_steps))

@@ -2,7 +2,9 @@
 
 On the CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set by
 conftest.py), so the same code that guards a user's first GPU run is exercised here."""
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -68,25 +70,82 @@ def _tiny(out, **kw):
                   progress=False, channels_last=False, **kw)
 
 
-def test_training_falls_back_to_the_eager_twin_of_a_failing_op(tmp_path, monkeypatch):
-    from fastmix.kernels import mask_mix
+def _in_the_child(tmp_path, monkeypatch, body):
+    """Make the self-check's child process run ``body`` in place of the fused mask mix: a
+    sitecustomize module on the child's PYTHONPATH (the trainer's process is not touched)."""
+    site = tmp_path / "child-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('TRITON_INTERPRET') == '1':\n"
+        "    import fastmix.kernels.mask_mix as _m\n"
+        "    def _broken(*a, **k):\n"
+        + "".join(f"        {line}\n" for line in body.splitlines()) +
+        "    _m.mix_images_pair = _broken\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
 
-    def broken(*a, **k):
-        raise RuntimeError("illegal memory access")
-    monkeypatch.setattr(mask_mix, "mix_images_pair", broken)
+
+@pytest.mark.parametrize("body,needle", [
+    ("raise RuntimeError('illegal memory access')", "illegal memory access"),
+    ("import ctypes\nctypes.string_at(0)", "SIGSEGV"),          # a real segfault
+    ("import os\nos.abort()", "SIGABRT"),
+])
+def test_training_falls_back_to_the_eager_twin_of_a_failing_op(tmp_path, monkeypatch, body,
+                                                               needle):
+    """A fused op that raises, or crashes the whole process, in the self-check: the check runs
+    in a child process, so the run goes on, on that op's eager twin, to the end."""
+    _in_the_child(tmp_path, monkeypatch, body)
     with pytest.warns(RuntimeWarning, match=r"fused mix_images failed its self-check.*"
                                             r"uses the eager mix_images.*selfcheck\.json"):
-        summary = train(_tiny(tmp_path, selfcheck=True))
+        summary = train(_tiny(tmp_path / "run", selfcheck=True))
     paths = summary["op_paths"]
     assert paths["mix_images"]["path"] == "eager"
-    assert "illegal memory access" in paths["mix_images"]["reason"]
+    assert needle in paths["mix_images"]["reason"]
     # the ops that passed ran fused (under the interpreter) for the whole run
     assert paths["mixed_cross_entropy"]["path"] == paths["mixblock_attention"]["path"] == "fused"
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved["op_paths"] == paths and saved["epochs"] == 1
-    report = json.loads((tmp_path / "selfcheck.json").read_text())
+    assert all(map(math.isfinite, saved["final_top1"].values()))
+    report = json.loads((tmp_path / "run" / "selfcheck.json").read_text())
     assert report["ops"]["mix_images"]["ok"] is False
+    assert report["calls_recorded_from_the_run"] is True
     assert Fn._OP_PATHS == {}          # the choice does not outlive the run
+
+
+def _calls(cfg, shape=(6, 3, 16, 16)):
+    from fastmix.engine import build_training
+    from fastmix.runtime import autocast_context
+    model, _, _ = build_training(cfg, CPU, shape[1], 10)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng, torch_rng = copy.deepcopy(model.rng.bit_generator.state), torch.get_rng_state()
+    calls = selfcheck.record_op_calls(model, shape, 10, lambda: autocast_context(cfg, CPU))
+    # nothing of the run changed: weights, buffers, random streams
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert model.rng.bit_generator.state == rng and torch.equal(torch.get_rng_state(), torch_rng)
+    return {c["fn"]: c for c in calls}, calls
+
+
+def test_the_selfcheck_records_the_variants_shapes_and_dtypes_the_run_uses():
+    plain, _ = _calls(Config(method="automix", arch="resnet_small", amp="none"))
+    attn = plain["mixblock_attention"]["args"]
+    assert attn[0]["shape"] == [6, 16, 32] and attn[0]["dtype"] == "float32"
+    assert attn[3:6] == [None, None, None]            # lam_concat off: the no-bias kernel
+    assert plain["mix_images_pair"]["args"][-1] == "nearest"
+    assert plain["mixed_cross_entropy"]["args"][0]["shape"] == [6, 10]
+    concat, calls = _calls(Config(method="automix", arch="resnet_small", amp="bf16",
+                                  lam_concat=True, upsample="bilinear", label_smoothing=0.1),
+                           shape=(5, 3, 24, 24))
+    attn = concat["mixblock_attention"]["args"]
+    assert attn[0]["dtype"] == "bfloat16" and attn[0]["shape"][:2] == [5, 36]
+    assert all(isinstance(a, dict) for a in attn[3:6])     # the λ-bias variant
+    assert concat["mix_images_pair"]["args"][-1] == "bilinear"
+    assert concat["mixed_cross_entropy"]["args"][0]["dtype"] == "bfloat16"
+    assert concat["mixed_cross_entropy"]["args"][4] == 0.1
+    # one case per variant: the step's λ draws do not multiply them
+    ce = [c for c in calls if c["fn"] == "mixed_cross_entropy"]
+    assert len(ce) == 2        # mixed (two targets) and plain (one_q)
+    mixup, _ = _calls(Config(method="mixup", arch="resnet_small", amp="none"))
+    assert set(mixup) <= {"mix_images", "mixed_cross_entropy"} and "mixed_cross_entropy" in mixup
 
 
 def test_no_selfcheck_on_the_cpu_by_default_and_eager_paths_recorded(tmp_path):

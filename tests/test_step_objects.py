@@ -470,3 +470,26 @@ def test_a_skipped_first_warmup_step_leaves_no_trace_gpu():
             fn(x, y, i, 10)
     assert fb.graph is not None
     assert_same_state(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_a_captured_step_refuses_another_batch_shape():
+    """After the capture, a batch of another shape is refused with the reason (its eager step
+    would run beside the graph's reserved pool). The graph is stood in for on the CPU; the
+    GPU test below captures a real one."""
+    (_, _, _, _), (_, _, _, fn) = twins("vanilla")
+    x, y = batches(1)[0]
+    fn(x, y, 0, 10)
+    fn.graph = object()                      # as after a capture
+    with pytest.raises(ValueError, match="drop the last partial batch"):
+        fn(x[:4], y[:4], 1, 10)
+
+
+@pytest.mark.gpu
+def test_a_captured_step_refuses_another_batch_shape_gpu():
+    (_, _, _, _), (_, _, _, fn) = gpu_twins("mixup")
+    data = batches(4, n=16, size=32, device=torch.device("cuda"))
+    for i, (x, y) in enumerate(data):
+        fn(x.contiguous(memory_format=torch.channels_last), y, i, 10)
+    assert fn.graph is not None
+    with pytest.raises(ValueError, match="drop the last partial batch"):
+        fn(data[0][0][:8].contiguous(memory_format=torch.channels_last), data[0][1][:8], 5, 10)

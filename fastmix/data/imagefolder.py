@@ -22,7 +22,9 @@ Both loaders present :class:`fastmix.data.TensorLoader`'s interface: iteration y
   when torchvision imports (``decoder="torchvision"``; on CUDA the workers only read bytes and
   ``decode_jpeg(device="cuda")`` decodes the batch with nvJPEG), else with PIL
   (``decoder="pil"``: the transforms re-implemented in a few lines, so the loader also runs
-  where torchvision cannot import, as beside the CPU build of torch 2.13.0).
+  where torchvision cannot import, as beside the CPU build of torch 2.13.0). A JPEG the device
+  decoder refuses (nvJPEG: CMYK, some progressive or odd-subsampling files) is decoded on the
+  CPU instead and counted (``cpu_fallbacks``, see :meth:`TorchvisionLoader.decode_batch`).
 * :func:`build_imagefolder_loader` picks one (``loader="auto"``: DALI when it imports and its
   pipeline builds, else the DataLoader loader) and logs one line saying which and why.
 
@@ -47,6 +49,7 @@ Augmentation randomness is a function of ``(seed, epoch, rank)`` (DALI) or ``(se
 file index)`` (DataLoader loader, either decoder): an epoch's batches do not depend on what ran before, so ``set_epoch`` is
 exact and the trainer's mid-epoch resume sees the batches of the uninterrupted run.
 """
+import io
 import math
 import os
 import sys
@@ -64,6 +67,7 @@ SPLITS = ("train", "val")
 LOADERS = ("auto", "dali", "torchvision")
 DECODERS = ("auto", "pil", "torchvision")
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+FALLBACK_WARN_FIRST = 5   # CPU decode fallbacks named in a log line; later ones are only counted
 
 
 def log(msg):
@@ -364,6 +368,10 @@ class _ImageFolderLoaderBase:
         self.files, self.labels, self.classes = list(scan[0]), list(scan[1]), list(scan[2])
         self.skipped = list(getattr(scan, "skipped", []))
         self.num_skipped = len(self.skipped)
+        # JPEGs the loader's device decoder refused and the CPU decoded (TorchvisionLoader with
+        # decode_on_device; always 0 for DALI, whose "mixed" decoder falls back internally):
+        # a running count over the loader's life, and {path: why} of the distinct files.
+        self.cpu_fallbacks, self.cpu_fallback_files = 0, {}
         self.num_classes = len(self.classes)
         self.root, self.split = root, split
         self.batch_size, self.train, self.size = batch_size, train, size
@@ -735,6 +743,34 @@ def decode_file(path, data=None):
     return decode_image(data, mode=ImageReadMode.RGB)
 
 
+def decode_file_fallback(path, data=None):
+    """A file the device decoder refused, on the CPU: ``(uint8 [3, H, W], how)``.
+
+    First :func:`decode_file` (``torchvision.io`` on the CPU: the very pixels of the worker path,
+    ``decode_on_device=False``), else PIL's ``convert("RGB")`` as the last resort -- PIL is what
+    the scan's ``--verify-images full`` decodes with, so a file it reads is a file the scan keeps
+    (e.g. a JPEG whose EOI marker is missing after zero padding: libjpeg-turbo has the whole
+    image, PIL accepts it, torchvision.io refuses "Image is incomplete or truncated"; PIL and
+    libjpeg-turbo then give the same pixels). Raises PIL's error when neither decodes it.
+    """
+    if data is None:
+        with open(path, "rb") as f:
+            data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+    try:
+        return decode_file(path, data), "torchvision.io on the CPU"
+    except Exception:
+        pass
+    from PIL import Image
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+        img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB, as decoder="pil"
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "PIL on the CPU"
+
+
+def _first_line(e):
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
+
+
 def _collate_raw(items):
     data, geom, index, labels = zip(*items)
     return list(data), torch.stack(geom), list(index), torch.tensor(labels)
@@ -766,7 +802,11 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
     ``decode_on_device`` (default: on for the torchvision decoder on CUDA): workers only read
     the files' bytes and draw the crops; the batch's JPEGs are decoded by
     ``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on CUDA; other formats on the
-    CPU) and cropped on the device. Same crops as the worker path (tested on the CPU).
+    CPU) and cropped on the device. Same crops as the worker path (tested on the CPU). A JPEG
+    the device decoder refuses is decoded on the CPU (:func:`decode_file_fallback`) and the
+    batch completes with the same crop; ``cpu_fallbacks`` counts these files (over the loader's
+    life, every epoch's included), ``cpu_fallback_files`` maps each distinct one to the device's
+    error, and the first ``FALLBACK_WARN_FIRST`` are named in a log line.
     """
     name = "torchvision"
 
@@ -805,7 +845,14 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
             generator=torch.Generator().manual_seed(seed))
 
     def decode_batch(self, data, geom, index):
-        """Decode a batch of file bytes on ``self.device`` and crop it: uint8 NHWC."""
+        """Decode a batch of file bytes on ``self.device`` and crop it: uint8 NHWC.
+
+        The JPEGs go to ``decode_jpeg`` as one list; when that raises (one file it refuses fails
+        the whole call), each is decoded alone on the device, and a file the device refuses
+        again is decoded on the CPU (:meth:`_decode_on_cpu`) and moved to the device. The crop
+        is the worker-drawn ``geom`` either way. A file no decoder reads raises
+        :class:`DatasetError` naming it.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
         jpeg = [i for i, d in enumerate(data) if bytes(d[:2].tolist()) == b"\xff\xd8"]
         imgs = [None] * len(data)
@@ -813,13 +860,13 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
             try:
                 out = decode_jpeg([data[i] for i in jpeg], mode=ImageReadMode.RGB,
                                   device=self.device)
-            except Exception:                 # find the file that failed, and name it
+            except Exception:                 # find the file(s) that failed: one by one
                 out = []
                 for i in jpeg:
                     try:
                         out.append(decode_jpeg(data[i], mode=ImageReadMode.RGB, device=self.device))
                     except Exception as e:
-                        raise self.dataset._error(index[i], e) from e
+                        out.append(self._decode_on_cpu(data[i], index[i], e))
             for i, img in zip(jpeg, out):
                 imgs[i] = img
         for i, img in enumerate(imgs):
@@ -833,6 +880,26 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
         interp = self.dataset.pipeline.interp
         return torch.stack([apply_geometry(img, gi, self.size, interp) for img, gi in zip(imgs, g)]
                            ).permute(0, 2, 3, 1).contiguous()
+
+    def _decode_on_cpu(self, data, index, device_error):
+        """A JPEG the device decoder refused (``device_error``): decoded on the CPU, on the
+        device; counted, and named in a log line for the first ``FALLBACK_WARN_FIRST``."""
+        path = self.files[index]
+        try:
+            img, how = decode_file_fallback(path, data)
+        except Exception as e:              # no decoder reads it: a corrupt file, named
+            raise self.dataset._error(index, e) from e
+        self.cpu_fallbacks += 1
+        self.cpu_fallback_files.setdefault(path, _first_line(device_error))
+        if self.cpu_fallbacks <= FALLBACK_WARN_FIRST:
+            log(f"warning: the {self.device} JPEG decoder refused {path} "
+                f"({_first_line(device_error)}); decoded it with {how} instead (fallback "
+                f"{self.cpu_fallbacks}; the first {FALLBACK_WARN_FIRST} are named, all are counted "
+                f"in the loader's cpu_fallbacks)")
+            if self.cpu_fallbacks == FALLBACK_WARN_FIRST:
+                log(f"warning: any further CPU decode fallbacks of {self.root}/{self.split} "
+                    f"are counted (cpu_fallbacks), not logged")
+        return img.to(self.device)
 
     def __iter__(self):
         self.dataset.epoch = self.epoch   # workers start per epoch and copy the dataset
