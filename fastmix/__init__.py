@@ -31,13 +31,16 @@ _alias_source_kernels()
 
 __version__ = "0.1.0"
 
-from fastmix.automix import AutoMix  # noqa: E402
+from fastmix.methods import AutoMix  # noqa: E402
 from fastmix.backbones import (ClsHead, FeatureTap, ResNet, TimmBackbone, WideResNet,  # noqa: E402
                                build_backbone, load_torchvision_weights)
 from fastmix.functional import mixed_cross_entropy  # noqa: E402
-from fastmix.mixblock import MixBlock  # noqa: E402
+from fastmix import methods, mixers  # noqa: E402
+from fastmix.methods import METHODS, Classifier, MixBlock  # noqa: E402
+from fastmix.mixers import Mixup, soft_targets  # noqa: E402
 from fastmix.mixup import MixupClassifier  # noqa: E402
 
-__all__ = ["AutoMix", "MixBlock", "MixupClassifier", "ClsHead", "FeatureTap", "ResNet",
-           "TimmBackbone", "WideResNet", "build_backbone", "load_torchvision_weights",
-           "mixed_cross_entropy"]
+__all__ = ["AutoMix", "MixBlock", "Classifier", "METHODS", "Mixup", "MixupClassifier",
+           "ClsHead", "FeatureTap", "ResNet", "TimmBackbone", "WideResNet", "build_backbone",
+           "load_torchvision_weights", "mixed_cross_entropy", "soft_targets", "methods",
+           "mixers"]

@@ -279,3 +279,109 @@ def check_mix_pair(x, index_a, mask_logits_a, index_b, mask_logits_b, lam_b, mod
     check_index("index_b", index_b, x.shape[0], x.device, "x")
     _check_source("mask_logits_b", mask_logits_b, "lam_b", lam_b, x)
     check_upsample_mode(mode)
+
+
+# ---- the eager-only forms: per-sample λ, soft targets, per-sample boxes --------------------
+# (``fastmix.functional`` routes them past the kernels; the checks above are left as they are.)
+def is_lam_vector(lam):
+    """A per-sample λ: a 1-d tensor (one weight per sample). A 0-d tensor is one λ."""
+    return isinstance(lam, torch.Tensor) and lam.dim() == 1
+
+
+def is_soft_target(target):
+    """Soft targets: a floating-point tensor (class probabilities [N, K]); labels are ints."""
+    return isinstance(target, torch.Tensor) and target.is_floating_point()
+
+
+def check_lam_vector(lam, n, device, ref, name="lam"):
+    """A per-sample λ: a 1-d floating-point tensor [N] on ``device`` that needs no gradient.
+    Its values are not read (that would sync the device); they should lie in [0, 1]."""
+    if lam.dim() != 1 or lam.shape[0] != n:
+        raise ValueError(f"{name} must be a Python float, a 0-d tensor or a per-sample [N] = "
+                         f"[{n}] tensor to match {ref}, got shape {tuple(lam.shape)}")
+    if not lam.is_floating_point():
+        raise TypeError(f"a per-sample {name} must be floating point, got {lam.dtype}")
+    if lam.requires_grad:
+        raise ValueError(f"{name} must not require grad: the op treats it as a constant "
+                         f"(pass {name}.detach())")
+    if lam.device != device:
+        raise ValueError(f"a per-sample {name} is on {lam.device} but {ref} is on {device} "
+                         f"(move it there once: it is not copied per call)")
+
+
+def _check_logits(logits, eager):
+    _check_float("logits", logits, eager)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D [N, K], got shape {tuple(logits.shape)}")
+    n, k = logits.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"logits must be non-empty [N, K], got shape {tuple(logits.shape)}")
+    return n, k
+
+
+def _check_smoothing(label_smoothing):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a Python float, "
+                        f"got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+
+
+def check_soft_cross_entropy(logits, target, target_b, lam, label_smoothing):
+    """Cross-entropy against soft targets: ``target`` [N, K] float class probabilities (the
+    mix is already in them, so no ``target_b`` and ``lam`` left at 1). Eager only."""
+    n, k = _check_logits(logits, eager=True)
+    if target.dim() != 2 or tuple(target.shape) != (n, k):
+        raise ValueError(f"target_a must be int64 class indices [N] = [{n}] or float class "
+                         f"probabilities [N, K] = [{n}, {k}] to match logits, "
+                         f"got a {target.dtype} tensor of shape {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target_a is on {target.device} but logits is on {logits.device}")
+    if target_b is not None:
+        raise ValueError("soft targets (a float [N, K] target_a) already hold the mix: "
+                         "pass target_b=None")
+    if isinstance(lam, (torch.Tensor, bool)) or not isinstance(lam, numbers.Real) \
+            or float(lam) != 1.0:
+        got = f"a tensor of {describe(lam)}" if isinstance(lam, torch.Tensor) else repr(lam)
+        raise ValueError(f"soft targets (a float [N, K] target_a) already hold the mix: "
+                         f"leave lam at 1.0, got {got}")
+    _check_smoothing(label_smoothing)
+
+
+def check_cross_entropy_per_sample(logits, target_a, target_b, lam, label_smoothing):
+    """Mixed cross-entropy with a per-sample λ [N] (``check_cross_entropy`` otherwise). Eager
+    only."""
+    n, k = _check_logits(logits, eager=True)
+    classes = f"the {k} classes of logits"
+    check_index("target_a", target_a, n, logits.device, classes, high=k)
+    if target_b is None:
+        raise ValueError("a per-sample lam weighs target_a against target_b: pass target_b")
+    check_index("target_b", target_b, n, logits.device, classes, high=k)
+    check_lam_vector(lam, n, logits.device, "logits")
+    _check_smoothing(label_smoothing)
+
+
+def check_mix_per_sample(x, index, mask_logits, lam, mode):
+    """``mix_images`` with a per-sample λ [N] (``check_mix`` otherwise). Eager only."""
+    _check_images(x)
+    check_index("index", index, x.shape[0], x.device, "x")
+    if mask_logits is not None:
+        raise ValueError("pass exactly one of mask_logits (a mask) or lam (a constant mix), "
+                         "got both")
+    check_lam_vector(lam, x.shape[0], x.device, "x")
+    check_upsample_mode(mode)
+
+
+def check_box_tensor(box, x):
+    """A CutMix box as a device tensor: ``(y0, y1, x0, x1)`` [4] for the batch or [N, 4], one
+    box per sample (integers; rows and columns ``[y0, y1) x [x0, x1)``, empty when y0 >= y1
+    or x0 >= x1). Not read on the host."""
+    if box.dim() == 1 and box.shape[0] == 4:
+        return
+    if box.dim() != 2 or tuple(box.shape) != (x.shape[0], 4):
+        raise ValueError(f"box must be (y0, y1, x0, x1): 4 host ints, a [4] tensor or one box "
+                         f"per sample [N, 4] = [{x.shape[0]}, 4], got shape {tuple(box.shape)}")
+    if box.is_floating_point() or box.is_complex() or box.dtype == torch.bool:
+        raise TypeError(f"a per-sample box must be an integer tensor, got {box.dtype}")
+    if box.device != x.device:
+        raise ValueError(f"box is on {box.device} but x is on {x.device}")

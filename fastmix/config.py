@@ -9,15 +9,14 @@ import argparse
 import math
 from dataclasses import dataclass, field, fields
 
-from fastmix.mixup import BASELINES
+from fastmix.methods import METHODS as _METHOD_CLASSES
 
-METHODS = ("automix",) + BASELINES
+# The method list and each method's facts come from the method classes (fastmix.methods).
+METHODS = tuple(_METHOD_CLASSES)
 # α per method: spec §4.2's CIFAR-100 R-18 table (GridMix has no α there: 0.2 as the other
 # cutting methods; SmoothMix draws no λ, its α is unused).
-DEFAULT_ALPHA = {"automix": 2.0, "mixup": 1.0, "cutmix": 0.2, "vanilla": 0.0, "manifoldmix": 2.0,
-                 "saliencymix": 0.2, "fmix": 0.2, "resizemix": 1.0, "gridmix": 0.2,
-                 "smoothmix": 1.0, "puzzlemix": 1.0}
-HEADS = ("one_k", "mix_k", "one_q", "mix_q")
+DEFAULT_ALPHA = {name: cls.default_alpha for name, cls in _METHOD_CLASSES.items()}
+HEADS = _METHOD_CLASSES["automix"].head_names + ("cls", "ema")
 
 
 def opt(default, help, kind=None, choices=None, metavar=None):
@@ -58,11 +57,18 @@ class Config:
                        "mixup 1, cutmix 0.2, manifoldmix 2, saliencymix 0.2, fmix 0.2, resizemix "
                        "1, gridmix 0.2, puzzlemix 1; smoothmix draws no λ)")
     label_smoothing: float = opt(0.0, "label smoothing of every CE loss")
-    # AutoMix (spec §1-§2)
-    ema_momentum: float = opt(0.999, "AutoMix EMA start momentum")
-    ema_end: float = opt(0.999999, "AutoMix EMA final momentum, cosine from --ema-warmup of "
-                         "training")
-    ema_warmup: float = opt(0.1, "AutoMix: fraction of training the EMA momentum stays at "
+    mix_mode: str = opt("batch", "λ per batch, or per sample (mixup, cutmix): pair (sample and "
+                        "partner share λ, timm's pair mode) or elem (each sample its own λ; "
+                        "the per-sample loss and mix run eager)",
+                        choices=("batch", "pair", "elem"))
+    # The EMA: AutoMix's momentum encoder; with --ema, an EMA head for every other method
+    ema: bool = opt(False, "keep an EMA copy of the backbone and head (methods other than "
+                    "AutoMix, whose momentum encoder is one): evaluated as the head 'ema' and "
+                    "the default inference head, on AutoMix's schedule (--ema-momentum, "
+                    "--ema-end, --ema-warmup)", kind="pair")
+    ema_momentum: float = opt(0.999, "EMA start momentum (AutoMix's momentum encoder; --ema)")
+    ema_end: float = opt(0.999999, "EMA final momentum, cosine from --ema-warmup of training")
+    ema_warmup: float = opt(0.1, "fraction of training the EMA momentum stays at "
                             "--ema-momentum")
     mask_layer: int = opt(None, "AutoMix: the 0-based backbone stage feeding the Mix Block "
                           "(default: 2 for ResNets, 1 for WideResNets)")
@@ -118,7 +124,8 @@ class Config:
     grid_every: int = opt(0, "AutoMix: save a mixed-sample PNG grid every N epochs (0: never)")
     export: str = opt(None, "after training, write the classifier (encoder + head) as a plain "
                       "state dict", metavar="PATH")
-    export_head: str = opt(None, "AutoMix head to export (default one_k)", choices=HEADS)
+    export_head: str = opt(None, "head to export: AutoMix's one_k (default), mix_k, one_q, "
+                           "mix_q; with --ema, cls or ema (default)", choices=HEADS)
     max_bad_steps: int = opt(10, "stop after this many consecutive NaN/Inf losses (skipped steps)")
     progress: bool = opt(True, "no progress bar", kind="off")
     log_every: int = opt(50, "read the logged sums (progress bar, bad-step check) every N steps")
@@ -213,7 +220,7 @@ PRESETS = {
 
 
 # "For ResNeXt-50, the cutting-based methods use wd 5e-4" (spec §4.2, CIFAR-100).
-CUTTING_METHODS = ("cutmix", "saliencymix", "fmix", "resizemix", "gridmix")
+CUTTING_METHODS = tuple(n for n, c in _METHOD_CLASSES.items() if c.recipe == "cutting")
 
 
 def resolve(flags, preset=None, cuda=False):
@@ -230,12 +237,13 @@ def resolve(flags, preset=None, cuda=False):
         raise ValueError(f"--preset {preset!r} is unknown; choose from {', '.join(PRESETS)}")
     values = dict(PRESETS[preset]) if preset else {}
     method = flags.get("method", values.get("method", "automix"))
-    if preset and method != "automix":
+    recipe = getattr(_METHOD_CLASSES.get(method), "recipe", "automix")
+    if preset and recipe != "automix":
         # The presets are AutoMix's recipes; the comparison methods' own (spec §3 "Baseline
         # recipes", §4.2): cosine to 0 (AutoMix's CIFAR floor is 0.05), and weight decay 5e-4
         # for the cutting methods on CIFAR-100 ResNeXt-50. A flag still overrides both.
         values["min_lr"] = 0.0
-        if method in CUTTING_METHODS and values.get("arch") == "resnext50_cifar" \
+        if recipe == "cutting" and values.get("arch") == "resnext50_cifar" \
                 and values.get("dataset") == "cifar100":
             values["weight_decay"] = 5e-4
     values.update(flags)
@@ -339,7 +347,10 @@ def validate_config(cfg: Config):
          "second-last feature stage")
     need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
     need(cfg.lam_margin < 0.5, f"--lam-margin must be below 0.5, got {cfg.lam_margin}")
-    need(not (cfg.cuda_graphs and cfg.method in ("manifoldmix", "puzzlemix")),
+    cls = _METHOD_CLASSES.get(cfg.method)
+    need(cls is not None, f"--method {cfg.method!r} is unknown; choose from {', '.join(METHODS)}")
+    cls = cls or _METHOD_CLASSES["automix"]
+    need(not (cfg.cuda_graphs and not cls.capturable),
          f"--cuda-graphs replays one recorded step, but {cfg.method} changes the step's work "
          f"with host draws (ManifoldMix's stage, PuzzleMix's grid and its host graph cut): run "
          f"it without --cuda-graphs")
@@ -347,11 +358,19 @@ def validate_config(cfg: Config):
          "--cuda-graphs needs --optimizer-impl torch: apex's FusedSGD ignores found_inf (a "
          "captured step could not skip a NaN/Inf step) and takes the learning rate as a host "
          "float, where a captured step holds it in a device tensor")
-    need(not (cfg.method == "manifoldmix" and str(cfg.arch).startswith("timm:")),
-         "--method manifoldmix mixes hidden features after a stage: it needs fastmix's ResNets or "
-         "WideResNets (their forward takes mix_at), not a timm backbone")
-    need(not (cfg.export_head and cfg.method != "automix"),
-         f"--export-head names one of AutoMix's four heads; --method {cfg.method} has a single "
-         f"head (leave --export-head out)")
+    need(cfg.mix_mode in cls.modes,
+         f"--mix-mode {cfg.mix_mode}: --method {cfg.method} draws λ per batch only (per-sample "
+         f"λ: mixup, cutmix)")
+    need(not ("mix_at" in cls.needs and str(cfg.arch).startswith("timm:")),
+         f"--method {cfg.method} mixes hidden features after a stage: it needs fastmix's "
+         f"ResNets or WideResNets (their forward takes mix_at), not a timm backbone")
+    heads = (cls.head_names if cls.recipe == "automix" else
+             ("cls", "ema") if cfg.ema else ("cls",))
+    need(not cfg.export_head or cfg.export_head in heads,
+         f"--export-head {cfg.export_head} is not a head of this run (--method {cfg.method}"
+         f"{' --ema' if cfg.ema else ''} has {', '.join(heads)})")
+    need(not (cfg.ema and cls.recipe == "automix"),
+         "--ema: AutoMix's momentum encoder is its EMA (set it with --ema-momentum, --ema-end, "
+         "--ema-warmup); --ema is for the other methods")
     if problems:
         raise ValueError("; ".join(problems))

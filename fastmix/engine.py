@@ -16,7 +16,6 @@ from dataclasses import asdict
 
 import torch
 
-from fastmix.automix import AutoMix
 from fastmix.backbones import build_backbone, load_torchvision_weights
 from fastmix.checkpoint import (CheckpointError, atomic_save, export_classifier,  # noqa: F401
                                 load_checkpoint, load_training_checkpoint,
@@ -25,7 +24,7 @@ from fastmix.checkpoint import (CheckpointError, atomic_save, export_classifier,
 from fastmix.config import DEFAULT_ALPHA, METHODS, Config, validate_config  # noqa: F401
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.functional import FUSED_OPS, set_op_paths, use_fused
-from fastmix.mixup import MixupClassifier
+from fastmix.methods import method_class
 from fastmix.runtime import autocast_context, init_distributed, resolve_device, resolve_runtime
 from fastmix.schedules import cosine
 from fastmix.step import (CUDAGraphStep, NonFiniteLossError, StepGuard, TrainStep,  # noqa: F401
@@ -34,27 +33,16 @@ from fastmix.step import (CUDAGraphStep, NonFiniteLossError, StepGuard, TrainSte
 
 # ---- building ----------------------------------------------------------------------------------
 def build_model(cfg: Config, in_chans, num_classes, seed=None):
-    alpha = DEFAULT_ALPHA[cfg.method] if cfg.alpha is None else cfg.alpha
+    """The method's model (``fastmix.methods``: each class builds itself from the settings)."""
+    cls = method_class(cfg.method)
+    alpha = cls.default_alpha if cfg.alpha is None else cfg.alpha
     backbone = build_backbone(cfg.arch, in_chans=in_chans, mask_layer=cfg.mask_layer)
     if cfg.init_weights not in (None, "none"):
         # before AutoMix copies the backbone into its momentum encoder: both start from them
         load_torchvision_weights(backbone, cfg.init_weights)
     fused = False if cfg.eager else None
     seed = cfg.seed if seed is None else seed
-    if cfg.method == "automix":
-        return AutoMix(backbone, num_classes, alpha=alpha, ema_momentum=cfg.ema_momentum,
-                       ema_end=cfg.ema_end, ema_warmup=cfg.ema_warmup,
-                       mask_loss_weight=cfg.mask_loss_weight,
-                       mask_loss_schedule=cfg.mask_loss_schedule,
-                       mask_loss_mode=cfg.mask_loss_mode, lam_margin=cfg.lam_margin,
-                       lam_concat=cfg.lam_concat, upsample=cfg.upsample,
-                       mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
-                       label_smoothing=cfg.label_smoothing, k_early_exit=cfg.k_early_exit,
-                       seed=seed, fused=fused)
-    if cfg.method not in METHODS:
-        raise ValueError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
-    return MixupClassifier(backbone, num_classes, method=cfg.method, alpha=alpha,
-                           label_smoothing=cfg.label_smoothing, seed=seed, fused=fused)
+    return cls.build(cfg, backbone, num_classes, alpha, seed=seed, fused=fused)
 
 
 def build_optimizer(cfg: Config, model, fused=False):
@@ -63,7 +51,8 @@ def build_optimizer(cfg: Config, model, fused=False):
     Frozen parameters (the momentum encoder and its heads) are left out. Weight decay applies
     to every trainable parameter, BN and biases included, as in the official configs.
     """
-    mb = set(id(p) for p in model.mix_block.parameters()) if isinstance(model, AutoMix) else set()
+    mix_block = getattr(model, "mix_block", None)
+    mb = set(id(p) for p in mix_block.parameters()) if mix_block is not None else set()
     main = [p for p in model.parameters() if p.requires_grad and id(p) not in mb]
     groups = [dict(params=main, name="main", base_lr=cfg.lr, min_lr=cfg.min_lr,
                    momentum=cfg.momentum)]
@@ -398,14 +387,21 @@ def summarize(history, model, cfg, wall_time):
     last = [r for r in history if "top1" in r][-10:]
     median = {h: statistics.median(r["top1"][h] for r in last) for h in heads}
     final = dict(history[-1]["top1"])
+    extra = {}
     if len(heads) == 1:
         reported, rule = heads[0], "the only head"
     else:
-        reported = max(heads, key=lambda h: median[h])
-        rule = ("best median-of-last-10 top-1 over the four heads (the authors' rule, "
-                "find_automix_val_median.py); inference model: one_k")
+        # The head reported is the head exported and deployed (--export-head, else the
+        # model's inference head); the best head on the test split is shown apart, labelled.
+        reported = cfg.export_head or model.default_head
+        rule = (f"the inference head, the one --export writes (--export-head, default "
+                f"{model.default_head})")
+        best = max(heads, key=lambda h: median[h])
+        extra["best_test_head"] = {
+            "head": best, "median_last10_top1": median[best],
+            "rule": "best median-of-last-10 test top-1 over the heads (the AutoMix authors' "
+                    "rule, find_automix_val_median.py): chosen on the test split"}
     val = [r["val_top1"] for r in history if "val_top1" in r][-10:]
-    extra = {}
     if val:
         extra["median_last10_val_top1"] = {h: statistics.median(v[h] for v in val) for h in heads}
     return {**extra, "method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset,
@@ -536,8 +532,9 @@ def _train(cfg):
                 record["val_top1"] = evaluate(model, val_loader, world)
             record["top1"] = evaluate(model, test_loader, world)
         record["elapsed_s"] = time.perf_counter() - t0
-        if isinstance(model, AutoMix):
-            record["ema_momentum"] = model.ema_momentum_at(step - 1, total_steps)
+        momentum = model.ema_momentum_at(step - 1, total_steps)
+        if momentum is not None:       # the run has an EMA (AutoMix's encoder, --ema)
+            record["ema_momentum"] = momentum
         history.append(record)
         metrics.write(record, progress, model, test_set, device)
         ckpt.save(epoch + 1, 0, step, history)
@@ -567,7 +564,7 @@ class MetricsLog:
             progress.write(f"epoch {epoch}/{cfg.epochs}  loss {record['losses']['loss']:.3f}  " +
                            "  ".join(f"{k} {v:.2f}" for k, v in record.get("top1", {}).items()) +
                            f"  {record['images_per_s']:.0f} img/s")
-        if cfg.grid_every and epoch % cfg.grid_every == 0 and isinstance(model, AutoMix) \
+        if cfg.grid_every and epoch % cfg.grid_every == 0 and hasattr(model, "mix_block") \
                 and test_set is not None:
             from fastmix.visualize import save_mix_grid
             save_mix_grid(model, test_set, os.path.join(cfg.out, f"mix_epoch{epoch:04d}.png"),
@@ -578,10 +575,10 @@ def finish(cfg, model, history, wall_time, rank, world, op_paths):
     """summary.json and the export (rank 0); under DDP, leave the process group together."""
     summary = {**summarize(history, model, cfg, wall_time), "op_paths": op_paths}
     if rank == 0:
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
         if cfg.export:
             summary["exported_head"] = export_classifier(model, cfg.export, cfg.export_head)
+        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
+            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
     if world > 1:
         # A gloo group alive at interpreter exit can abort a rank ("terminate called without an
         # active exception"): barrier, then tear it down.

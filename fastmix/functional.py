@@ -16,9 +16,11 @@ import os
 import torch
 import torch.nn.functional as F
 
-from fastmix.checks import (attention_scale, check_attention, check_cross_entropy,
-                            check_host_lam, check_mix, check_mix_pair, check_upsample_mode,
-                            scalar_tensor)
+from fastmix.checks import (attention_scale, check_attention, check_box_tensor,
+                            check_cross_entropy, check_cross_entropy_per_sample, check_host_lam,
+                            check_mix, check_mix_pair, check_mix_per_sample,
+                            check_soft_cross_entropy, check_upsample_mode, is_lam_vector,
+                            is_soft_target, scalar_tensor)
 
 def _triton_available():
     try:
@@ -79,8 +81,27 @@ def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothin
 
     ``lam`` may be a Python float or a 0-d tensor (never read on the host). ``target_b=None``
     gives plain cross-entropy. Label smoothing follows ``F.cross_entropy(label_smoothing=)``.
+
+    Two more forms, always eager (``fused`` is ignored for them):
+
+    * soft targets: ``target_a`` a float [N, K] tensor of class probabilities (timm's Mixup
+      targets, ``fastmix.mixers.soft_targets``), ``target_b=None`` and ``lam`` left at 1.0:
+      ``mean_i(-sum_k t_ik log_softmax(z)_ik)``, the smoothing applied to the target as timm
+      and torchvision do (``t * (1 - eps) + eps / K``; ``F.cross_entropy``'s own rule for
+      probability targets). Eager because the kernel gathers one or two class indices per row
+      and builds the one-hot target distribution from them; it cannot take a dense target.
+    * a per-sample λ: ``lam`` a float [N] tensor on logits' device (timm's ``pair`` and
+      ``elem`` modes): ``mean_i(lam_i CE(z_i, a_i) + (1 - lam_i) CE(z_i, b_i))``. Eager
+      because the kernel reads λ from one 0-d pointer for every row (``tl.load(lam_ptr)`` in
+      ``kernels/mixed_ce.py``'s ``_targets``); a row-indexed λ is a kernel change, not a new
+      argument. Neither form reads a device value on the host.
     """
     _record("mixed_cross_entropy", logits, target_a, target_b, lam, label_smoothing)
+    if is_soft_target(target_a):
+        check_soft_cross_entropy(logits, target_a, target_b, lam, label_smoothing)
+        return F.cross_entropy(logits.float(), target_a.float(), label_smoothing=label_smoothing)
+    if is_lam_vector(lam):
+        return _mixed_cross_entropy_per_sample(logits, target_a, target_b, lam, label_smoothing)
     if use_fused(logits, fused, "mixed_cross_entropy"):
         from fastmix.kernels.mixed_ce import mixed_cross_entropy as fused_ce
         return fused_ce(logits, target_a, target_b, lam, label_smoothing)
@@ -102,6 +123,19 @@ def mixed_cross_entropy_eager(logits, target_a, target_b=None, lam=1.0, label_sm
     if isinstance(lam, torch.Tensor):
         lam = scalar_tensor(lam, z.device)
     return lam * loss_a + (1.0 - lam) * loss_b
+
+
+def _mixed_cross_entropy_per_sample(logits, target_a, target_b, lam, label_smoothing):
+    """``mean_i(lam_i CE(z_i, a_i) + (1 - lam_i) CE(z_i, b_i))``, fp32, eager (the kernel takes
+    one λ): per-row ``F.cross_entropy`` of each target, weighed row by row."""
+    check_cross_entropy_per_sample(logits, target_a, target_b, lam, label_smoothing)
+    z = logits.float()
+    loss_a = F.cross_entropy(z, target_a.long(), label_smoothing=label_smoothing,
+                             ignore_index=_NO_IGNORE, reduction="none")
+    loss_b = F.cross_entropy(z, target_b.long(), label_smoothing=label_smoothing,
+                             ignore_index=_NO_IGNORE, reduction="none")
+    lam = lam.float()
+    return (lam * loss_a + (1.0 - lam) * loss_b).mean()
 
 
 # ---- Mix Block attention (kernels/mixblock_attn.py) -------------------------------------------
@@ -142,8 +176,17 @@ def mixblock_attention_eager(qk, v, index, q_bias=None, k_bias=None, v_bias=None
 def mix_images(x, index, mask_logits=None, lam=None, mode="nearest", fused=None):
     """Mix each image with its partner ``x[index]``: ``x * (1 - s) + x[index] * s`` with
     ``s = sigmoid(upsample(mask_logits))`` ([N, 1, h, w] logits; s weights the partner), or
-    with a constant ``lam * x + (1 - lam) * x[index]`` (``lam``: the weight of x)."""
+    with a constant ``lam * x + (1 - lam) * x[index]`` (``lam``: the weight of x).
+
+    ``lam`` may also be a float [N] tensor on x's device, one λ per sample (timm's ``pair`` /
+    ``elem`` modes): ``lam_i * x_i + (1 - lam_i) * x[index_i]``. That form is always eager
+    (``fused`` is ignored): the kernel reads its constant λ from one 0-d pointer for every
+    sample (``_partner`` in ``kernels/mask_mix.py``), and ``mix_images_eager``, the kernel's
+    twin, refuses it as the kernel does."""
     _record("mix_images", x, index, mask_logits, lam, mode)
+    if is_lam_vector(lam):
+        check_mix_per_sample(x, index, mask_logits, lam, mode)
+        return _mix_eager(x, index, None, lam, mode)
     if use_fused(x, fused, "mix_images"):
         from fastmix.kernels.mask_mix import mix_images as fused_mix
         return fused_mix(x, index, mask_logits, lam, mode)
@@ -163,7 +206,8 @@ def mix_images_pair(x, index_a, mask_logits_a, index_b, mask_logits_b=None, lam_
 
 
 def mixup_images(x, index, lam, fused=None):
-    """Input Mixup: ``lam * x + (1 - lam) * x[index]`` (``lam`` a float or 0-d tensor)."""
+    """Input Mixup: ``lam * x + (1 - lam) * x[index]`` (``lam`` a float or 0-d tensor), or per
+    sample with ``lam`` a float [N] tensor on x's device (eager: see ``mix_images``)."""
     return mix_images(x, index, lam=lam, fused=fused)
 
 
@@ -173,6 +217,9 @@ def _mix_eager(x, index, mask_logits, lam, mode):
     if mask_logits is not None:
         s = torch.sigmoid(upsample_mask(mask_logits.float(), x.shape[-2:], mode))
         out = xf * (1.0 - s) + xi * s
+    elif is_lam_vector(lam):         # one λ per sample (checked by check_mix_per_sample)
+        lam = lam.float().view(-1, 1, 1, 1)
+        out = lam * xf + (1.0 - lam) * xi
     else:
         if isinstance(lam, torch.Tensor):
             lam = scalar_tensor(lam, x.device)
@@ -262,7 +309,19 @@ def cutmix_images(x, index, box):
     """Paste ``x[index]``'s box into ``x`` (a new tensor; ``x`` is left unchanged).
 
     ``box`` is ``(y0, y1, x0, x1)`` as host ints (slicing) or as a 4-element device tensor
-    (a select over an in-box mask: same result, fixed shapes, so it can be graph-captured)."""
+    (a select over an in-box mask: same result, fixed shapes, so it can be graph-captured),
+    or an integer [N, 4] device tensor, one box per sample (timm's ``pair`` / ``elem`` modes;
+    an empty box, e.g. all zeros, leaves its sample unchanged): the same select with a
+    per-sample mask, nothing read on the host."""
+    if isinstance(box, torch.Tensor) and box.dim() == 2:
+        check_box_tensor(box, x)
+        h, w = x.shape[-2:]
+        rows = torch.arange(h, device=x.device)
+        cols = torch.arange(w, device=x.device)
+        y0, y1, x0, x1 = box.unbind(1)
+        inside = (((rows >= y0[:, None]) & (rows < y1[:, None]))[:, None, :, None] &
+                  ((cols >= x0[:, None]) & (cols < x1[:, None]))[:, None, None, :])
+        return torch.where(inside, x[index], x)
     if isinstance(box, torch.Tensor):
         h, w = x.shape[-2:]
         rows = torch.arange(h, device=x.device)

@@ -27,9 +27,17 @@ def _strip(history):
     return [{k: r[k] for k in ("epoch", "step", "losses", "top1", "lr")} for r in history]
 
 
-@pytest.mark.parametrize("method", ["automix", "cutmix"])
-def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method):
+@pytest.mark.parametrize("method,ema", [("automix", False), ("cutmix", False), ("mixup", True)])
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method, ema):
+    """Exact resume, the EMA head of --ema included (its weights are exported: ema by default)."""
+    _cfg = tiny_cfg
+
+    def tiny_cfg(out, **kw):       # noqa: F811  (this test's runs, with or without --ema)
+        return _cfg(out, ema=ema, **kw)
     full = train(tiny_cfg(tmp_path / "full", method=method, export=str(tmp_path / "full.pt")))
+    if ema:
+        assert full["exported_head"] == full["reported_head"] == "ema"
+        assert set(full["final_top1"]) == {"cls", "ema"}
 
     # Interrupt the second run in epoch 2 after its mid-epoch checkpoint at step 8 (batch 3).
     orig_iter = TensorLoader.__iter__

@@ -126,6 +126,132 @@ def test_cutmix_box_against_timm_rand_bbox():
     assert checked_even > 20 and checked_odd > 20
 
 
+# ---- fastmix.mixers against timm's Mixup and torchvision's v2.MixUp / v2.CutMix ---------------
+MIXUP_CONFIGS = {
+    "mixup": dict(mixup_alpha=1.0, cutmix_alpha=0.0),
+    "cutmix": dict(mixup_alpha=0.0, cutmix_alpha=1.0),
+    "switch": dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5),
+    "prob": dict(mixup_alpha=1.0, cutmix_alpha=1.0, prob=0.5),
+    "minmax": dict(mixup_alpha=1.0, cutmix_minmax=(0.2, 0.8)),
+    "uncorrected": dict(mixup_alpha=0.0, cutmix_alpha=0.5, correct_lam=False),
+}
+
+
+@pytest.mark.parametrize("size", [(24, 20), (23, 19)])
+@pytest.mark.parametrize("config", sorted(MIXUP_CONFIGS))
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+def test_mixers_mixup_equals_timm_mixup(mode, config, size):
+    """fastmix.mixers.Mixup is timm's Mixup on the same draws (numpy's global generator seeded
+    alike): the same images and soft targets bit for bit, the same number of draws, and
+    mixed_cross_entropy (on the targets, or on y_a, y_b, λ) is timm's SoftTargetCrossEntropy."""
+    from timm.loss import SoftTargetCrossEntropy
+    from fastmix.mixers import Mixup
+    h, w = size
+    kwargs = dict(MIXUP_CONFIGS[config], mode=mode, label_smoothing=0.1, num_classes=K)
+    y = torch.tensor([0, 3, 1, 7, 3, 9])
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(N, 3, h, w, generator=g)
+        np.random.seed(seed)
+        x_timm, soft_timm = timm_mixup.Mixup(**kwargs)(x.clone(), y)
+        state_timm = np.random.get_state()
+        np.random.seed(seed)
+        x_ours, soft_ours = Mixup(**kwargs)(x, y)
+        state_ours = np.random.get_state()
+        assert (state_ours[1] == state_timm[1]).all() and state_ours[2] == state_timm[2]
+        assert torch.equal(x_ours, x_timm)
+        assert torch.equal(soft_ours, soft_timm)
+        np.random.seed(seed)
+        x_mix, y_a, y_b, lam = Mixup(**kwargs).mix(x, y)
+        assert torch.equal(x_mix, x_timm)
+        if mode == "batch":
+            assert isinstance(lam, float)
+        else:
+            assert lam.shape == (N,) and lam.dtype == torch.float32
+        logits = torch.randn(N, K, generator=g)
+        loss_timm = SoftTargetCrossEntropy()(logits, soft_timm)
+        torch.testing.assert_close(mixed_cross_entropy(logits, soft_ours), loss_timm,
+                                   rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mixed_cross_entropy(logits, y_a, y_b, lam, 0.1), loss_timm,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_mixers_mixup_with_a_random_state_is_timm_on_the_seeded_global():
+    from fastmix.mixers import Mixup
+    x, y = _batch(2)
+    kwargs = dict(mixup_alpha=1.0, cutmix_alpha=1.0, mode="elem", num_classes=K)
+    np.random.seed(7)
+    x_timm, soft_timm = timm_mixup.Mixup(**kwargs)(x.clone(), y)
+    x_ours, soft_ours = Mixup(rng=np.random.RandomState(7), **kwargs)(x, y)
+    assert torch.equal(x_ours, x_timm) and torch.equal(soft_ours, soft_timm)
+
+
+class _Draws:
+    """A numpy-Generator stand-in that hands the mixers chosen draws: λ, then the centre."""
+
+    def __init__(self, lam, centre=()):
+        self.lam, self.values = lam, list(centre)
+
+    def beta(self, a, b, size=None):
+        return self.lam
+
+    def integers(self, low, high):
+        return self.values.pop(0)
+
+
+def _roll_partners(monkeypatch):
+    """fastmix.mixers draws torchvision's pairing (i with i - 1) instead of a permutation."""
+    import fastmix.mixers
+    monkeypatch.setattr(fastmix.mixers, "random_permutation",
+                        lambda n, device: torch.arange(n, device=device).roll(1))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixers_mixup_equals_torchvision_mixup(seed, monkeypatch):
+    from fastmix.mixers import MixUp
+    _roll_partners(monkeypatch)
+    x, y = _batch(seed)
+    tv_mix = tv2.MixUp(alpha=1.0, num_classes=K)
+    torch.manual_seed(seed)
+    mixed, soft = tv_mix(x, y)
+    torch.manual_seed(seed)
+    lam = float(tv_mix._dist.sample(()))
+    ours = MixUp(alpha=1.0, num_classes=K)
+    ours.rng = _Draws(lam)
+    x_ours, soft_ours = ours(x, y)
+    torch.testing.assert_close(x_ours, mixed, rtol=0, atol=0)
+    torch.testing.assert_close(soft_ours, soft, rtol=0, atol=0)
+    ours.rng = _Draws(lam)
+    _, y_a, y_b, lam_ours = ours.mix(x, y)
+    assert lam_ours == lam and torch.equal(y_b, y.roll(1))
+    logits = torch.randn(N, K)
+    torch.testing.assert_close(mixed_cross_entropy(logits, y_a, y_b, lam_ours),
+                               _soft_ce(logits, soft), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mixers_cutmix_equals_torchvision_cutmix(seed, monkeypatch):
+    from fastmix.mixers import CutMix
+    _roll_partners(monkeypatch)
+    x, y = _batch(seed)
+    cut = tv2.CutMix(alpha=1.0, num_classes=K)
+    torch.manual_seed(seed)
+    mixed, soft = cut(x, y)
+    torch.manual_seed(seed)           # torchvision's draws, in its order: λ, centre x, centre y
+    lam = float(cut._dist.sample(()))
+    cx, cy = int(torch.randint(W, size=(1,))), int(torch.randint(H, size=(1,)))
+    ours = CutMix(alpha=1.0, num_classes=K)
+    ours.rng = _Draws(lam, (cy, cx))
+    x_ours, soft_ours = ours(x, y)
+    torch.testing.assert_close(x_ours, mixed, rtol=0, atol=0)
+    torch.testing.assert_close(soft_ours, soft, rtol=0, atol=0)
+    ours.rng = _Draws(lam, (cy, cx))
+    _, y_a, y_b, lam_adj = ours.mix(x, y)
+    logits = torch.randn(N, K)
+    torch.testing.assert_close(mixed_cross_entropy(logits, y_a, y_b, lam_adj),
+                               _soft_ce(logits, soft), rtol=1e-6, atol=1e-6)
+
+
 # ---- backbones ------------------------------------------------------------------------------
 TIMM_TAPS = {   # family: (model, the tapped modules = the last two stages, their channels)
     "resnet": ("resnet18", ["layer3", "layer4"], (256, 512)),

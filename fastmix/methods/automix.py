@@ -1,0 +1,260 @@
+"""AutoMix (spec §2: OpenMixup's ``AutoMixup`` as the headline configs use it).
+
+Per training step, with x [N, C, H, W] and labels y:
+
+1. two independent draws (λ_mb, index_mb) and (λ_bb, index_bb), λ ~ Beta(α, α);
+2. z = the momentum encoder's features on clean x at the tapped stage (``mask_layer``: stage 3,
+   stage 2 for WRN), with no parameter gradients;
+3. the Mix Block runs twice on the same z: the MB mask keeps its graph, the BB mask is
+   detached; if λ_bb is within ``lam_margin`` of 0 or 1 the BB sample is plain Mixup;
+4. loss_mix_k: momentum encoder + frozen EMA mix head on the MB-mixed images -> the gradient
+   reaches only the Mix Block (through the images);
+   loss_one_q: online encoder + one-hot head on clean images;
+   loss_mix_q: online encoder + mix head on the BB-mixed images;
+   loss_mask: the Mix Block's mask loss on the MB mask, weight 0.1;
+   total = loss_mix_q + loss_one_q + loss_mix_k + loss_mask (one backward, one step);
+5. after the optimizer step, ``after_step`` moves the momentum encoder and its two heads
+   towards the online ones (parameters only, not BN buffers) with the cosine EMA schedule.
+
+Not implemented (unused by every ResNet config of the spec): ``mask_adjust``, ``switch_off``,
+``head_one_mix``, ``head_ensemble``, the SAMix options, the legacy ``pre_*`` losses.
+A NaN mask loss is not dropped on the host (that would sync); NaN steps are the trainer's job.
+"""
+import copy
+
+import torch
+
+from fastmix.backbones import ClsHead
+from fastmix.methods.base import MixMethod, ema_update_
+from fastmix.functional import mix_images, mix_images_pair, mixed_cross_entropy, upsample_mask
+from fastmix.methods.mixblock import MixBlock
+from fastmix import schedules
+
+HEADS = ("one_k", "mix_k", "one_q", "mix_q")
+
+
+def _select_mixup(fallback, lam, logits):
+    """Mask logits whose sigmoid is the constant 1 - λ where ``fallback`` (a device flag) is
+    set: the Mixup blend ``λ x + (1 - λ) x[index]`` as a mask (equal up to fp32 rounding)."""
+    return torch.where(fallback, torch.logit(1 - lam.float()), logits)
+
+
+class AutoMix(MixMethod):
+    """AutoMix (see the module doc): an online encoder with two heads, its momentum (EMA)
+    encoder with two frozen heads, and the Mix Block.
+
+    ``AutoMix(backbone, num_classes)`` takes a backbone that returns ``[tap, final]`` features
+    (``fastmix.build_backbone``, ``FeatureTap``); ``alpha``: Beta(α, α) of both draws;
+    ``ema_momentum`` -> ``ema_end``: the momentum encoder's cosine schedule after a linear
+    ``ema_warmup`` fraction; ``mask_loss_*``: the Mix Block's mask loss; ``lam_margin``: the
+    backbone sample is Mixup when λ is within it of 0 or 1; ``lam_concat``: the λ channel of
+    the ImageNet configs; ``upsample``: the mask's upsampling; ``seed``: the host λ draws;
+    ``fused``: the Triton kernels (None: on CUDA). ``forward_train(x, y) -> (loss, logs)``
+    is one step's loss; ``after_step`` moves the momentum encoder; ``predict(x)`` gives all
+    four heads; ``mix(x, y)`` the Mix Block's mixed batch."""
+    name = "automix"
+    default_alpha = 2.0
+    needs = ("tap",)
+    recipe = "automix"
+    default_head = "one_k"      # the official inference model: momentum encoder + one-hot head
+    head_names = HEADS
+
+    @classmethod
+    def build(cls, cfg, backbone, num_classes, alpha, seed=None, fused=None):
+        """The trainer's AutoMix from a ``fastmix.config.Config``."""
+        return cls(backbone, num_classes, alpha=alpha, ema_momentum=cfg.ema_momentum,
+                   ema_end=cfg.ema_end, ema_warmup=cfg.ema_warmup,
+                   mask_loss_weight=cfg.mask_loss_weight,
+                   mask_loss_schedule=cfg.mask_loss_schedule,
+                   mask_loss_mode=cfg.mask_loss_mode, lam_margin=cfg.lam_margin,
+                   lam_concat=cfg.lam_concat, upsample=cfg.upsample,
+                   mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
+                   label_smoothing=cfg.label_smoothing, k_early_exit=cfg.k_early_exit,
+                   seed=seed, fused=fused)
+
+    @torch.no_grad()
+    def mix(self, x, y):
+        """``(mixed images, y_a, y_b, λ)``: one batch mixed by the Mix Block's mask (the
+        momentum encoder's features, a fresh draw), as the online encoder trains on it."""
+        lam = self.sample_lam()
+        index = self.permutation(x.shape[0], x.device, self.mix_shuffle_no_repeat)
+        z = _tap_and_final(self.backbone_k(x))[0]
+        logits = self.mix_block.mask_logits(z, lam, index, fused=self.fused)
+        x_mix = mix_images(x, index, logits, mode=self.mix_block.upsample, fused=self.fused)
+        m = self.mix_block.mask_from_logits(logits, x.shape[-2:])[:, 1]
+        return x_mix, y, y[index], 1.0 - m.flatten(1).mean(1)
+
+    def __init__(self, backbone, num_classes, alpha=2.0, ema_momentum=0.999, ema_end=0.999999,
+                 ema_warmup=0.1, mask_loss_weight=0.1, mask_loss_schedule="constant",
+                 mask_loss_mode="L1",
+                 mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
+                 upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
+                 head_weights=None, k_early_exit=False, seed=None, fused=None):
+        super().__init__(num_classes, alpha=alpha, label_smoothing=label_smoothing, seed=seed,
+                         fused=fused)
+        if not isinstance(getattr(backbone, "out_channels", None), (tuple, list)) or \
+                len(backbone.out_channels) != 2:
+            raise ValueError("the backbone must expose out_channels = (tap C, final C) and "
+                             "return [tap, final] features (see fastmix.backbones)")
+        if not 0 <= ema_momentum <= 1 or not 0 <= ema_end <= 1:
+            raise ValueError("EMA momentum values must lie in [0, 1]")
+        c3, c_final = backbone.out_channels
+        self.ema_momentum, self.ema_end, self.ema_warmup = ema_momentum, ema_end, ema_warmup
+        self.mask_loss_weight = mask_loss_weight
+        self.mask_loss_schedule = mask_loss_schedule
+        self.mask_loss_weight_at = schedules.MaskLossWeight(mask_loss_weight, mask_loss_schedule)
+        self.lam_margin = max(lam_margin, 0.0)
+        self.mix_shuffle_no_repeat = mix_shuffle_no_repeat
+        # Opt-in deviation: the momentum encoder's clean pass stops at the tapped stage (its
+        # only use). The later stages' BN running statistics then see only mixed images.
+        self.k_early_exit = k_early_exit
+        if k_early_exit and "tap_only" not in backbone.forward.__code__.co_varnames:
+            raise ValueError("k_early_exit needs a backbone whose forward takes tap_only "
+                             "(the fastmix ResNets and WideResNets)")
+        self.head_weights = dict(mix_q=1.0, one_q=1.0, mix_k=1.0)
+        self.head_weights.update(head_weights or {})
+
+        self.backbone_q = backbone
+        self.head_mix_q = ClsHead(c_final, num_classes)
+        self.head_one_q = ClsHead(c_final, num_classes)
+        self.mix_block = MixBlock(c3, reduction=reduction, lam_concat=lam_concat, upsample=upsample,
+                                  mask_loss_mode=mask_loss_mode, mask_loss_margin=mask_loss_margin)
+        # The momentum encoder and its heads start as copies and are never trained by SGD.
+        self.backbone_k = copy.deepcopy(backbone)
+        self.head_mix_k = copy.deepcopy(self.head_mix_q)
+        self.head_one_k = copy.deepcopy(self.head_one_q)
+        for module in (self.backbone_k, self.head_mix_k, self.head_one_k):
+            module.requires_grad_(False)
+        self._ema_pairs = None
+
+    # ---- the training step -------------------------------------------------------------
+    def draw(self, x):
+        """Two independent draws: (λ_mb, index_mb) for the Mix Block, (λ_bb, index_bb) for
+        the backbone; λ from the host generator, the permutations on ``x``'s device."""
+        n, device = x.shape[0], x.device
+        lam_mb, lam_bb = self.sample_lam(2)
+        draw = {"lam_mb": lam_mb, "lam_bb": lam_bb,
+                "index_mb": self.permutation(n, device, self.mix_shuffle_no_repeat),
+                "index_bb": self.permutation(n, device, self.mix_shuffle_no_repeat)}
+        if self.mask_loss_schedule != "constant":   # this step's weight (set_progress)
+            draw["mask_loss_weight"] = self.mask_loss_weight_at(*self.progress)
+        return draw
+
+    def losses(self, x, y, draw):
+        lam_mb, lam_bb = draw["lam_mb"], draw["lam_bb"]
+        index_mb, index_bb = draw["index_mb"], draw["index_bb"]
+        # The BB sample falls back to Mixup when λ_bb is within lam_margin of 0 or 1: a host
+        # branch for a float λ, a device flag (both branches computed, one selected) for a
+        # tensor λ, as in a CUDA graph.
+        mixup_fallback = (lam_bb <= self.lam_margin) | (lam_bb >= 1 - self.lam_margin)
+
+        with torch.no_grad():
+            z = (self.backbone_k(x, tap_only=True)[0] if self.k_early_exit
+                 else _tap_and_final(self.backbone_k(x))[0])
+        x_mb, x_bb, m_mb = self._mix(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback,
+                                     self.fused)
+        w_mask = draw.get("mask_loss_weight", self.mask_loss_weight)
+        loss_mask = w_mask * self.mix_block.mask_loss(m_mb, lam_mb)
+
+        ce = self._mixed_ce
+        final = lambda enc, img: _tap_and_final(enc(img))[1]  # noqa: E731
+        loss_mix_k = ce(self.head_mix_k(final(self.backbone_k, x_mb)), y, y[index_mb], lam_mb)
+        loss_one_q = ce(self.head_one_q(final(self.backbone_q, x)), y, None, 1.0)
+        loss_mix_q = ce(self.head_mix_q(final(self.backbone_q, x_bb)), y, y[index_bb], lam_bb)
+        w = self.head_weights
+        loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + w["mix_k"] * loss_mix_k + loss_mask
+        m = m_mb.detach()
+        area = 1 - m.float().mean()
+        logs = {"loss_mix_q": loss_mix_q.detach(), "loss_one_q": loss_one_q.detach(),
+                "loss_mix_k": loss_mix_k.detach(), "loss_mask": loss_mask.detach(),
+                "mask_area_mb": area, "lam_mb": lam_mb,
+                # diagnostics of what the Mix Block learned: how far the kept area is from λ,
+                # and how soft the mask is (mean 4m(1-m): 1 = a flat 0.5 blend, 0 = binary)
+                "mask_area_err": (area - lam_mb).abs(),
+                "mask_softness": 4 * (m.float() * (1 - m.float())).mean()}
+        return loss, logs
+
+    def _mixed_ce(self, logits, y_a, y_b, lam):
+        return mixed_cross_entropy(logits, y_a, y_b, lam, self.label_smoothing, fused=self.fused)
+
+    def _mix(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback, fused):
+        """Both mixed batches and the MB mask: the Mix Block projects z once, attends twice
+        (the BB mask without a graph) and one mix makes both batches (``fused``: the Triton
+        kernels, else their eager twins, which upsample the masks to full resolution; None:
+        each op's own default, see ``fastmix.functional.use_fused``)."""
+        mb, hw, size = self.mix_block, z.shape[-2:], x.shape[-2:]
+        qk, v = mb.project(z)
+        logits_mb = mb.mask_logits(z, lam_mb, index_mb, projected=(qk, v), fused=fused)
+        mask_b = {"lam_b": lam_bb}
+        if isinstance(mixup_fallback, torch.Tensor) or not mixup_fallback:
+            with torch.no_grad():
+                logits_bb = mb.mask_logits(z, lam_bb, index_bb, (qk.detach(), v.detach()), fused)
+                if isinstance(mixup_fallback, torch.Tensor):
+                    logits_bb = _select_mixup(mixup_fallback, lam_bb, logits_bb)
+            mask_b = {"mask_logits_b": logits_bb}
+        x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, mode=mb.upsample,
+                                     fused=fused, **mask_b)
+        if mb.upsample == "nearest" and size[0] % hw[0] == 0 and size[1] % hw[1] == 0:
+            # Each low-res cell is repeated an equal number of times: the mean and variance of
+            # the upsampled mask equal those of the low-res one, so skip the full-res tensor.
+            m_mb = torch.sigmoid(logits_mb)[:, 0]
+        else:
+            m_mb = torch.sigmoid(upsample_mask(logits_mb, size, mb.upsample))[:, 0]
+        return x_mb, x_bb, m_mb
+
+    # ---- the EMA ------------------------------------------------------------------------
+    def _pairs(self):
+        if self._ema_pairs is None:
+            k, q = [], []
+            for mk, mq in ((self.backbone_k, self.backbone_q), (self.head_one_k, self.head_one_q),
+                           (self.head_mix_k, self.head_mix_q)):
+                k += list(mk.parameters())
+                q += list(mq.parameters())
+            self._ema_pairs = (k, q)
+        return self._ema_pairs
+
+    def ema_update(self, weight, finite=None):
+        """θ_k <- θ_k + w (θ_q - θ_k), w = 1 - m, as multi-tensor ops (``ema_update_``, the
+        update every method's ``--ema`` shares); ``finite`` False: a no-op, on the device."""
+        ema_update_(*self._pairs(), weight, finite)
+
+    def ema_momentum_at(self, step, total_steps):
+        """The EMA momentum after optimizer step ``step`` (spec §2.3's cosine schedule)."""
+        return schedules.ema_momentum(step, total_steps, self.ema_momentum, self.ema_end,
+                                      self.ema_warmup)
+
+    def step_scalars(self, step, total_steps):
+        return {"ema_weight": 1.0 - self.ema_momentum_at(step, total_steps)}
+
+    def apply_step_scalars(self, scalars, finite=None):
+        self.ema_update(scalars["ema_weight"], finite)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._ema_pairs = None  # .to()/.cuda() may replace parameter tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    # ---- evaluation ----------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, x):
+        """Logits of all four heads: {one_k, mix_k, one_q, mix_q} (spec §2.4)."""
+        f_k = _tap_and_final(self.backbone_k(x))[1]
+        f_q = _tap_and_final(self.backbone_q(x))[1]
+        return {"one_k": self.head_one_k(f_k), "mix_k": self.head_mix_k(f_k),
+                "one_q": self.head_one_q(f_q), "mix_q": self.head_mix_q(f_q)}
+
+    def inference_model(self, head="one_k"):
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        backbone = self.backbone_k if head.endswith("_k") else self.backbone_q
+        return backbone, getattr(self, "head_" + head)
+
+
+def _tap_and_final(features):
+    """A backbone's output, checked: AutoMix needs exactly two maps, [tap, final]."""
+    if not isinstance(features, (list, tuple)) or len(features) != 2:
+        what = (f"{len(features)} feature map(s)" if isinstance(features, (list, tuple))
+                else f"a {type(features).__name__}")
+        raise ValueError(f"AutoMix's backbone must return [Mix Block tap, final features] "
+                         f"(two maps), got {what}; wrap the network in FeatureTap or build it "
+                         f"with build_backbone")
+    return features
