@@ -299,8 +299,8 @@ def cutmix_box(height, width, lam, rng):
     ratio = (1.0 - lam) ** 0.5
     cut_h, cut_w = int(height * ratio), int(width * ratio)
     cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    from fastmix.mixes import clip_box      # the one box helper of the cutting methods
+    y0, y1, x0, x1 = clip_box(cy, cx, cut_h, cut_w, height, width)
     lam_adjusted = 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
     return y0, y1, x0, x1, lam_adjusted
 

@@ -8,12 +8,21 @@ actual mask or box, so the labels carry what the pixels carry.
 
 * :func:`resizemix_box` / :func:`resizemix_images` -- ResizeMix (Qin et al. 2020): the whole
   partner resized (nearest) into a box of side ``τ`` times the image's, ``τ`` in (0.1, 0.8).
-* :func:`fmix_mask` -- FMix (Harris et al. 2020): a low-frequency Fourier noise image (power
-  ``1/f^decay``) binarised at its top ``round(λ HW)`` pixels.
-* :func:`gridmix_mask` -- GridMix (Baek et al. 2021): a regular grid of square holes.
+* :func:`fmix_mask` -- FMix (Harris et al. 2020): FMix's low-frequency Fourier noise image, as
+  its code builds it (:func:`fourier_low_freq_image`), binarised at its top ``⌈λ HW⌉`` or
+  ``⌊λ HW⌋`` pixels.
+* :func:`gridmix_mask` -- GridMix (Baek et al. 2021): a regular grid of square holes in a crop
+  placed as OpenMixup places it (not clamped to the image).
 * :func:`smoothmix_mask` -- SmoothMix (Lee et al. 2020): a Gaussian blob.
 * :func:`spectral_residual_saliency` / :func:`saliency_box` -- SaliencyMix (Uddin et al. 2021):
-  the CutMix box centred on the saliency peak of the partner image, computed on the device.
+  the CutMix box centred on the saliency peak of the partner image, computed on the device
+  (a spectral residual with reflect padding; SaliencyMix's code uses OpenCV's fine-grained
+  detector on the host).
+* :func:`clip_box` -- the CutMix box convention (``centre ± cut // 2``, clipped) that CutMix's,
+  ResizeMix's and SaliencyMix's boxes share.
+
+How each differs from OpenMixup's code, measured on scripted draws by ``bench/fidelity.py``:
+``docs/methods.md``.
 
 Masks and boxes are host values (numpy arrays, ints) except SaliencyMix's, which depends on
 the pixels and so stays on the device (a 4-int tensor: no read-back).
@@ -25,6 +34,26 @@ import torch
 import torch.nn.functional as F
 
 from fastmix.checks import check_host_lam
+
+
+# ---- the CutMix box convention ------------------------------------------------------------------
+def clip_box(cy, cx, cut_h, cut_w, height, width):
+    """``(y0, y1, x0, x1)``: the box of a ``cut_h`` x ``cut_w`` cut around ``(cy, cx)`` in the
+    CutMix convention -- ``centre ± cut // 2`` on both sides, clipped at the border:
+    ``max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)`` and the same across.
+
+    Host ints give ints; any tensor argument gives tensors (``clamp``, on its device, nothing
+    read back), so a box centred on a device argmax stays on the device. The centre must lie in
+    the image (``0 <= cy < height``, ``0 <= cx < width``) and the cuts be non-negative, as
+    every caller's are: then each side is clipped on its own side only."""
+    def lo(v):
+        return v.clamp(min=0) if isinstance(v, torch.Tensor) else max(v, 0)
+
+    def hi(v, n):
+        return v.clamp(max=n) if isinstance(v, torch.Tensor) else min(v, n)
+
+    return (lo(cy - cut_h // 2), hi(cy + cut_h // 2, height),
+            lo(cx - cut_w // 2), hi(cx + cut_w // 2, width))
 
 
 # ---- ResizeMix ----------------------------------------------------------------------------------
@@ -44,8 +73,7 @@ def resizemix_box(height, width, tau, rng):
     at the border (the CutMix convention: ``centre ± cut // 2``); ``λ = 1 - box area / HW``."""
     cut_h, cut_w = int(height * tau), int(width * tau)
     cy, cx = int(rng.integers(0, height)), int(rng.integers(0, width))
-    y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
-    x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+    y0, y1, x0, x1 = clip_box(cy, cx, cut_h, cut_w, height, width)
     return y0, y1, x0, x1, 1.0 - (y1 - y0) * (x1 - x0) / float(height * width)
 
 
@@ -79,22 +107,39 @@ def resizemix_images(x, index, box):
 
 # ---- FMix ---------------------------------------------------------------------------------------
 def fourier_low_freq_image(height, width, decay_power, rng):
-    """A ``[H, W]`` float64 image whose spectrum has random Gaussian coefficients scaled by
-    ``1 / max(f, 1 / max(H, W)) ** decay_power`` (FMix's ``make_low_freq_image``), in [0, 1]."""
+    """FMix's ``make_low_freq_image`` for one 2-D mask, as its code computes it: a ``[H, W]``
+    float64 image in [0, 1] (``H >= 2``).
+
+    The draw is FMix's: a standard-normal array ``p`` of shape ``[H, Wf, 2]`` (``Wf = W // 2 +
+    1``, one more for odd ``W``), scaled per position by ``s = 1 / max(f, 1 / max(H, W)) **
+    decay_power`` with ``f = sqrt(fy² + fx²)`` over ``fftfreq(H)`` x ``fftfreq(W)[:Wf]``. FMix
+    (ecs-vlc/FMix ``fmix.py``, and OpenMixup's copy) then takes its complex spectrum from the
+    first two *rows* of the scaled draw, not from the last axis: the ``[Wf, 2]`` array
+    ``s[0] p[0] + 1j s[1] p[1]``, put through ``irfftn(·, (H, W))``. Its rows become the first
+    ``Wf`` vertical frequencies (0, 1, ... cycles per height, the ifft zero-pads or truncates
+    them to ``H``) and its two columns the horizontal frequencies 0 and 1 cycle per width: the
+    noise varies along the width only as one cosine period (no energy at 2 or more cycles
+    across), unlike the isotropic 1/f^d field FMix's paper describes. fastmix reproduces this
+    exactly (bit for bit on the same draw, ``bench/fidelity.py``), since the methods' tables
+    were made with this code."""
+    if height < 2:
+        raise ValueError(f"FMix's noise image needs at least 2 rows, got {height}")
     fy = np.fft.fftfreq(height)[:, None]
     fx = np.fft.fftfreq(width)[: width // 2 + 1 + (width % 2)]
     freqs = np.sqrt(fx * fx + fy * fy)
     scale = 1.0 / np.maximum(freqs, 1.0 / max(height, width)) ** decay_power
     param = rng.standard_normal((*freqs.shape, 2))
-    spectrum = scale * param[..., 0] + 1j * scale * param[..., 1]
-    img = np.real(np.fft.irfftn(spectrum, (height, width)))
+    # rows 0 and 1 of the scaled draw: the real and imaginary parts, as FMix's code indexes it
+    spectrum = scale[0][:, None] * param[0] + 1j * (scale[1][:, None] * param[1])
+    img = np.real(np.fft.irfftn(spectrum, (height, width), axes=(-2, -1)))
     img = img - img.min()
     return img / img.max()
 
 
 def binarise_top(img, lam, rng):
     """1 at the ``num`` largest pixels of ``img`` (``num`` = ceil or floor of ``λ HW`` with
-    probability 1/2 each, as FMix), 0 elsewhere."""
+    probability 1/2 each, as FMix), 0 elsewhere. Ties (measure zero for FMix's noise) go to
+    the earlier pixel; FMix's ``argsort()[::-1]`` leaves them in numpy's sort order."""
     flat = img.reshape(-1)
     num = math.ceil(lam * flat.size) if rng.random() > 0.5 else math.floor(lam * flat.size)
     mask = np.zeros(flat.size)
@@ -106,32 +151,62 @@ def fmix_mask(height, width, lam, rng, decay_power=3.0):
     """``(m, λ)``: FMix's binary mask as the partner's weight and ``λ`` = the exact kept area.
 
     FMix keeps ``x`` where its binarised noise is 1 (``num`` ≈ ``λ HW`` pixels), so the
-    partner's weight is ``1 -`` that mask. FMix labels with the sampled λ; the kept area
-    ``num / HW`` differs from it by less than ``1 / HW`` and is what fastmix uses."""
+    partner's weight is ``1 -`` that mask. The draws are FMix's, in its order (the noise, then
+    the ceil/floor coin): the same mask as OpenMixup's ``fmix`` on the same draws. FMix labels
+    with the sampled λ; the kept area ``num / HW`` differs from it by less than ``1 / HW`` and
+    is what fastmix uses."""
     check_host_lam(lam)
     keep = binarise_top(fourier_low_freq_image(height, width, decay_power, rng), lam, rng)
     return 1.0 - keep, float(keep.mean())
 
 
 # ---- GridMix ------------------------------------------------------------------------------------
+def _grid_marks(length, start, extent, patch, hole):
+    """The positions along one axis (``length`` pixels) that GridMix's holes cover: for each
+    patch ``k`` the slice ``[start + a, start + b)`` with ``a = min(k · patch, extent)``, ``b =
+    min(a + hole, extent)``, as numpy slices it. A crop larger than the image has ``start <
+    0``: a slice that begins before the image then counts from its far end (a negative index)
+    and one that straddles its first pixel is empty, exactly as OpenMixup's (and GridMixup's)
+    ``mask[yc1 + y1: yc1 + y2, xc1 + x1: xc1 + x2] = 1``; slices past the far end are cut."""
+    marks = np.zeros(length, dtype=bool)
+    for k in range(math.ceil(extent / patch) + 1):
+        a = min(k * patch, extent)
+        marks[start + a:start + min(a + hole, extent)] = True
+    return marks
+
+
 def gridmix_mask(height, width, lam, rng, n_holes=(2, 6), hole_aspect_ratio=(1.0, 1.0),
                  cut_area_ratio=(0.5, 1.0), cut_aspect_ratio=(0.5, 2.0)):
-    """``(m, λ)``: GridMix's grid of holes (1 = the partner shows through).
+    """``(m, λ)``: GridMix's grid of holes (1 = the partner shows through), as OpenMixup's
+    ``gridmix`` draws and places it.
 
-    A crop of area ``cut_area_ratio · HW`` and aspect ``cut_aspect_ratio`` at a uniform
-    position is divided into ``n_holes`` patches across (``patch = ceil(crop width / n)``, the
-    height ``patch · hole_aspect_ratio``); each patch has a hole in its top-left corner whose
-    sides are ``sqrt(1 - λ)`` of the patch's (at least 1 pixel, at most the patch side - 1).
-    Each range is drawn uniformly per batch (``n_holes`` as an integer); the defaults are
-    OpenMixup's ``MixUpClassification`` ones. The crop is clamped to the image (OpenMixup would
-    index outside it when ``cut_aspect_ratio`` makes it taller than the image)."""
+    A crop of area ``int(cut_area_ratio · HW)`` and aspect ``cut_aspect_ratio`` (``cut_w =
+    int(sqrt(area / aspect))``, ``cut_h = int(cut_w · aspect)``) at ``x0 = int((W - cut_w) ·
+    U)``, ``y0 = int((H - cut_h) · U)`` is divided into ``n_holes`` patches across (``patch =
+    ceil(cut_w / n)``, the height ``patch · hole_aspect_ratio``); each patch has a hole in its
+    top-left corner whose sides are ``sqrt(1 - λ)`` of the patch's (at least 1 pixel, at most
+    the patch side - 1). Each range is drawn uniformly per batch (``n_holes`` as an integer);
+    the defaults are OpenMixup's ``MixUpClassification`` ones.
+
+    With these defaults the crop is often larger than the image (an aspect up to 2 at an area
+    up to 1: at 32 px about 32% of draws taller, 13% wider). It is not clamped: it keeps its
+    drawn size and a negative offset, and the holes are placed with numpy's slice semantics,
+    so the mask equals OpenMixup's bit for bit on the same draws (``bench/fidelity.py``,
+    square images; OpenMixup takes the column offset's range from the image height and the row
+    offset's from its width, which only matters for non-square images, where fastmix uses each
+    axis's own).
+    A slice that starts before the image wraps to its far edge (see ``_grid_marks``): an
+    artefact of that code kept on purpose, since the comparison tables were made with it
+    (``docs/methods.md`` measures it against the clamped crop fastmix used before).
+    The one guard OpenMixup lacks: the patch height is at least 2, so a hole of at least one
+    pixel fits (``int(patch · hole_aspect_ratio) >= 2`` under the defaults anyway)."""
     check_host_lam(lam)
     n = int(rng.integers(n_holes[0], n_holes[1] + 1))
     har = float(rng.uniform(*hole_aspect_ratio))
     car = float(rng.uniform(*cut_area_ratio))
     cas = float(rng.uniform(*cut_aspect_ratio))
-    cut_w = min(int(math.sqrt(int(height * width * car) / cas)), width)
-    cut_h = min(int(cut_w * cas), height)
+    cut_w = int(math.sqrt(int(height * width * car) / cas))
+    cut_h = int(cut_w * cas)
     if not 1 <= n <= cut_w // 2:
         raise ValueError(f"GridMix: {n} holes across a {cut_w}-pixel crop; the image is too "
                          f"small for n_holes {n_holes} (at most {cut_w // 2})")
@@ -142,10 +217,8 @@ def gridmix_mask(height, width, lam, rng, n_holes=(2, 6), hole_aspect_ratio=(1.0
     ratio = math.sqrt(1.0 - lam)
     hw = min(max(int(pw * ratio), 1), pw - 1)
     hh = min(max(int(ph * ratio), 1), ph - 1)
-    cols = np.arange(width) - x0
-    rows = np.arange(height) - y0
-    in_c = (cols >= 0) & (cols < cut_w) & (np.mod(cols, pw) < hw)
-    in_r = (rows >= 0) & (rows < cut_h) & (np.mod(rows, ph) < hh)
+    in_r = _grid_marks(height, y0, cut_h, ph, hh)
+    in_c = _grid_marks(width, x0, cut_w, pw, hw)
     m = (in_r[:, None] & in_c[None, :]).astype(np.float64)
     return m, 1.0 - float(m.mean())
 
@@ -163,14 +236,30 @@ def smoothmix_mask(height, width, rng):
 
 
 # ---- SaliencyMix --------------------------------------------------------------------------------
-def spectral_residual_saliency(img, size=64, blur_sigma=2.5):
-    """Hou & Zhang's spectral-residual saliency of one image ``[C, H, W]`` (any device):
-    grey, resized to ``size`` x ``size``, log-amplitude minus its 3x3 mean, back through the
-    inverse FFT with the original phase, squared magnitude, Gaussian blur; resized back to
-    ``[H, W]`` (OpenCV's ``StaticSaliencySpectralResidual`` recipe)."""
+def spectral_residual_saliency(img, size=64, blur_sigma=2.5, pad=None):
+    """Hou & Zhang's spectral-residual saliency of one image ``[C, H, W]`` (any device, torch
+    ops only: nothing is read back): grey, resized to ``size`` x ``size``, log-amplitude minus
+    its 3x3 mean, back through the inverse FFT with the original phase, squared magnitude,
+    Gaussian blur; resized back to ``[H, W]`` (OpenCV's ``StaticSaliencySpectralResidual``
+    recipe).
+
+    ``pad`` (default ``size // 8``) pixels of reflect padding go around the resized image
+    before the FFT and are cropped off after the blur. The FFT treats the image as periodic:
+    without the margin the jump between opposite edges (an object touching one edge, a
+    brightness ramp) is an "edge" the residual lights up, and the peak often lands on the
+    image border. With it the image continues smoothly across its border and that jump moves
+    to the margin's outer edge, ``pad`` pixels away, which is cropped off. This makes border
+    peaks rarer, it does not forbid them (a real edge may lie there): measured on
+    Fashion-MNIST in ``docs/methods.md``. ``pad=0`` is the plain periodic recipe."""
     h, w = img.shape[-2:]
+    pad = size // 8 if pad is None else int(pad)
+    if not 0 <= pad < size:
+        raise ValueError(f"pad must be in [0, {size}), got {pad}")
     g = img.float().mean(0, keepdim=True)[None]                       # [1, 1, H, W]
-    g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    g = F.interpolate(g, size=(size, size), mode="bilinear", align_corners=False)
+    if pad:
+        g = F.pad(g, (pad,) * 4, mode="reflect")
+    g = g[0, 0]
     spec = torch.fft.fft2(g)
     amp = spec.abs()
     # a floor relative to the peak: exact zeros of the spectrum (flat synthetic regions)
@@ -185,6 +274,8 @@ def spectral_residual_saliency(img, size=64, blur_sigma=2.5):
     k = k / k.sum()
     sal = F.conv2d(F.pad(sal[None, None], (radius,) * 4, mode="reflect"), k.view(1, 1, 1, -1))
     sal = F.conv2d(sal, k.view(1, 1, -1, 1))
+    if pad:
+        sal = sal[:, :, pad:pad + size, pad:pad + size]
     return F.interpolate(sal, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
@@ -202,9 +293,7 @@ def saliency_box(saliency, lam):
         ratio = math.sqrt(1.0 - lam)
         cut_h, cut_w = int(h * ratio), int(w * ratio)
     peak = torch.argmax(saliency.reshape(-1))
-    cy, cx = peak // w, peak % w
-    y0, y1 = (cy - cut_h // 2).clamp(0, h), (cy + cut_h // 2).clamp(0, h)
-    x0, x1 = (cx - cut_w // 2).clamp(0, w), (cx + cut_w // 2).clamp(0, w)
+    y0, y1, x0, x1 = clip_box(peak // w, peak % w, cut_h, cut_w, h, w)
     box = torch.stack([y0, y1, x0, x1])
     lam_adj = 1.0 - ((y1 - y0) * (x1 - x0)).to(torch.float32) / float(h * w)
     return box, lam_adj

@@ -192,21 +192,64 @@ class FixedNormal:
         return self.values
 
 
-def test_fmix_noise_of_a_known_spectrum_is_its_cosine():
-    """One coefficient, the real part at (fy = 0, fx = 1/W): the inverse real FFT is
-    cos(2π x / W), which FMix's min-max scaling maps to (cos + 1) / 2 exactly."""
-    h, w = 8, 12
-    spec = np.zeros((h, w // 2 + 1, 2))
-    spec[0, 1, 0] = 1.0
-    img = mixes.fourier_low_freq_image(h, w, 3.0, FixedNormal(spec))
-    want = (np.cos(2 * np.pi * np.arange(w) / w) + 1) / 2
-    np.testing.assert_allclose(img, np.broadcast_to(want, (h, w)), atol=1e-12)
-    # a vertical cosine at (fy = 1/H, fx = 0)
-    spec = np.zeros((h, w // 2 + 1, 2))
-    spec[1, 0, 0] = 1.0
-    img = mixes.fourier_low_freq_image(h, w, 3.0, FixedNormal(spec))
-    want = (np.cos(2 * np.pi * np.arange(h) / h) + 1) / 2
-    np.testing.assert_allclose(img, np.broadcast_to(want[:, None], (h, w)), atol=1e-12)
+def one_coefficient(h, w, row, col, part):
+    """FMix's draw ``[H, Wf, 2]`` with a single 1 at ``[row, col, part]``."""
+    p = np.zeros((h, w // 2 + 1 + w % 2, 2))
+    p[row, col, part] = 1.0
+    return FixedNormal(p)
+
+
+@pytest.mark.parametrize("h,w", [(8, 12), (12, 8), (7, 9)])
+def test_fmix_noise_reads_the_draw_as_the_fmix_code_does(h, w):
+    """FMix's code builds its complex spectrum from the first two rows of the scaled draw
+    (``s[0] p[0] + 1j s[1] p[1]``, a [Wf, 2] array whose rows are vertical frequencies and
+    whose two columns are 0 and 1 cycle across), not from the draw's last (real, imaginary)
+    axis. One coefficient at a time, the min-max scaled image is a known cosine or sine."""
+    x, y = np.arange(w)[None, :], np.arange(h)[:, None]
+    cases = {                                   # (draw row, frequency row b, column k): image
+        (0, 0, 1): np.cos(2 * np.pi * x / w),   # 1 cycle across
+        (0, 1, 0): np.cos(2 * np.pi * y / h),   # 1 cycle down
+        (0, 2, 0): np.cos(4 * np.pi * y / h),   # 2 cycles down
+        # the second row of the draw is the imaginary part: i e^{iθ} has real part -sin θ
+        (1, 2, 0): -np.sin(4 * np.pi * y / h),
+        (1, 0, 1): -np.sin(2 * np.pi * x / w),
+    }
+    for (row, b, k), f in cases.items():
+        f = np.broadcast_to(f, (h, w))
+        want = (f - f.min()) / (f.max() - f.min())           # FMix's min-max scaling
+        img = mixes.fourier_low_freq_image(h, w, 3.0, one_coefficient(h, w, row, b, k))
+        np.testing.assert_allclose(img, want, atol=1e-12, err_msg=str((row, b, k)))
+
+
+def test_fmix_noise_uses_two_rows_of_the_draw_and_one_cycle_across():
+    """Properties of the FMix code's noise, on random draws: rows 2.. of the draw never
+    matter; across the width the image has no frequency above one cycle (its rfft along the
+    width is zero from 2 cycles on); along the height it has frequencies up to min(Wf, H) - 1.
+    (The isotropic reading fastmix used before fails the first two.)"""
+    rng = np.random.default_rng(0)
+    for h, w in ((32, 32), (28, 28), (24, 20), (20, 24), (17, 23)):
+        p = rng.standard_normal((h, w // 2 + 1 + w % 2, 2))
+        img = mixes.fourier_low_freq_image(h, w, 3.0, FixedNormal(p))
+        assert img.min() == 0.0 and img.max() == 1.0
+        q = p.copy()
+        q[2:] = rng.standard_normal(q[2:].shape)
+        np.testing.assert_array_equal(mixes.fourier_low_freq_image(h, w, 3.0, FixedNormal(q)), img)
+        across = np.abs(np.fft.rfft(img - img.mean(), axis=1))
+        assert across[:, 2:].max() < 1e-9 * across.max() and across[:, 1].max() > 1e-3
+        down = np.abs(np.fft.fft(img - img.mean(), axis=0))
+        assert down[min(p.shape[1], h) - 1].max() > 0      # the highest vertical frequency used
+    # decay power: the larger, the less energy above 2 cycles down (0.17 at 1, 0.002 at 3)
+    high = []
+    for decay in (1.0, 3.0):
+        share = []
+        for p in np.random.default_rng(1).standard_normal((40, 32, 17, 2)):
+            img = mixes.fourier_low_freq_image(32, 32, decay, FixedNormal(p))
+            down = np.abs(np.fft.fft(img - img.mean(), axis=0)) ** 2
+            share.append(down[3:-2].sum() / down.sum())
+        high.append(np.mean(share))
+    assert high[0] > 0.1 and high[1] < 0.01
+    with pytest.raises(ValueError, match="2 rows"):
+        mixes.fourier_low_freq_image(1, 8, 3.0, FixedNormal(np.zeros((1, 5, 2))))
 
 
 def test_fmix_binarises_the_top_lambda_fraction():
@@ -275,6 +318,231 @@ def test_smoothmix_mask_is_a_gaussian_blob():
     lm = np.log(m)
     d2 = lm[cy, 2:] - 2 * lm[cy, 1:-1] + lm[cy, :-2]
     np.testing.assert_allclose(d2, d2[0], rtol=1e-9)
+
+
+class Scripted:
+    """An rng that hands out given draws in order (integers, uniform, random), checking each
+    against the caller's range."""
+
+    def __init__(self, *values):
+        self.values = list(values)
+
+    def _next(self, ok):
+        v = self.values.pop(0)
+        assert ok(v), v
+        return v
+
+    def integers(self, low, high):
+        return self._next(lambda v: low <= v < high)
+
+    def uniform(self, low, high):
+        return self._next(lambda v: low <= v <= high)
+
+    def random(self):
+        return self._next(lambda v: 0 <= v < 1)
+
+
+def rows_cols(rows, cols, h=32, w=32):
+    m = np.zeros((h, w))
+    m[np.ix_(rows, cols)] = 1.0
+    return m
+
+
+def test_gridmix_crop_inside_the_image():
+    """Area 0.5, aspect 1: a 22 x 22 crop at (int(10 · 0.3), int(10 · 0.75)) = (3, 7); 4
+    patches of ceil(22 / 4) = 6 px; λ 0.75: holes of int(6 · 0.5) = 3 px."""
+    m, lam = mixes.gridmix_mask(32, 32, 0.75, Scripted(4, 1.0, 0.5, 1.0, 0.3, 0.75))
+    rows = [r for a in (0, 6, 12, 18) for r in range(7 + a, 7 + min(a + 3, 22))]
+    cols = [c for a in (0, 6, 12, 18) for c in range(3 + a, 3 + min(a + 3, 22))]
+    np.testing.assert_array_equal(m, rows_cols(rows, cols))
+    assert lam == 1 - 12 * 12 / 1024
+
+
+def test_gridmix_tall_crop_is_placed_as_openmixup_places_it():
+    """Area 1, aspect 2: cut_w = int(sqrt(1024 / 2)) = 22, cut_h = 44 > 32. Not clamped: the
+    offset int((32 - 44) · 0.5) = -6, and OpenMixup's slice of the first hole row,
+    [-6, -3), counts from the bottom (rows 26-28); rows past 32 are cut. 4 patches of 6 px,
+    holes of 3: hole rows start at -6, 0, 6, ... 36."""
+    m, lam = mixes.gridmix_mask(32, 32, 0.75, Scripted(4, 1.0, 1.0, 2.0, 0.35, 0.5))
+    rows = [0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19, 20, 24, 25, 26, 27, 28, 30, 31]
+    cols = [3, 4, 5, 9, 10, 11, 15, 16, 17, 21, 22, 23]       # x0 = int(10 · 0.35) = 3
+    np.testing.assert_array_equal(m, rows_cols(rows, cols))
+    assert lam == 1 - 19 * 12 / 1024
+    # fastmix's earlier crop, clamped to 32 rows from row 0, had no rows 27, 28 and its
+    # holes at 0, 6, ... 30: this is the OpenMixup geometry, not that one
+    assert m[27].any() and m[28].any() and not m[3:6].any()
+
+
+def test_gridmix_wide_crop_is_placed_as_openmixup_places_it():
+    """Area 1, aspect 0.5: cut_w = int(sqrt(2048)) = 45 > 32, cut_h = 22; 3 patches of 15 px,
+    λ 0.75: holes of 7. The column offset int((32 - 45) · 0.5) = -6: the first hole's slice
+    [-6, 1) straddles column 0 and is empty (numpy's slice semantics), the others are
+    [9, 16) and [24, 31). Rows from int(10 · 0.25) = 2: [2, 9) and [17, 24)."""
+    m, lam = mixes.gridmix_mask(32, 32, 0.75, Scripted(3, 1.0, 1.0, 0.5, 0.5, 0.25))
+    rows = list(range(2, 9)) + list(range(17, 24))
+    cols = list(range(9, 16)) + list(range(24, 31))
+    np.testing.assert_array_equal(m, rows_cols(rows, cols))
+    assert lam == 1 - 14 * 14 / 1024
+    # the clamped crop fastmix used before (32 wide, 16 high, 11-px patches) differs here
+    assert not m[:, :9].any()
+
+
+def test_gridmix_crops_larger_than_the_image_are_common_under_the_defaults():
+    """About a third of the draws give a crop taller than a 32-px image and an eighth one
+    wider (``bench/fidelity.py``: 32% and 13%): why the placement of such crops matters.
+    Every mask is still a product of a row set and a column set, λ its kept area."""
+    rng = np.random.default_rng(3)
+    tall = wide = 0
+    for _ in range(400):
+        car, cas = rng.uniform(0.5, 1.0), rng.uniform(0.5, 2.0)
+        cut_w = int(math.sqrt(int(1024 * car) / cas))
+        wide += cut_w > 32
+        tall += cut_w <= 32 and int(cut_w * cas) > 32
+        m, lam = mixes.gridmix_mask(32, 32, float(rng.beta(0.2, 0.2)),
+                                    Scripted(int(rng.integers(2, 7)), 1.0, car, cas,
+                                             rng.random(), rng.random()))
+        r, c = m.any(1), m.any(0)
+        np.testing.assert_array_equal(m, np.outer(r, c).astype(float))
+        assert lam == 1 - m.mean()
+    assert 0.25 < tall / 400 < 0.5 and 0.1 < wide / 400 < 0.25
+
+
+# ---- SaliencyMix: the border artefact of the periodic FFT ---------------------------------------
+def peak_of(img, **kwargs):
+    sal = mixes.spectral_residual_saliency(img, **kwargs)
+    p = int(torch.argmax(sal))
+    return p // img.shape[-1], p % img.shape[-1]
+
+
+def test_saliency_peak_is_on_an_off_centre_blob_over_a_ramp():
+    """A small bright blob anywhere (near the border too) on a brightness ramp of random
+    direction, with a little noise: the peak lies on the blob. The ramp is what the periodic
+    FFT sees as a jump between opposite borders; without the reflect padding (pad=0) the peak
+    goes to that border in some of these same cases."""
+    rng = np.random.default_rng(1)
+    misses_periodic = 0
+    for t in range(36):
+        h, w = [(32, 32), (28, 28), (40, 48), (64, 64), (17, 23), (48, 40)][t % 6]
+        r = int(rng.integers(1, 4))
+        cy, cx = int(rng.integers(r + 1, h - r - 1)), int(rng.integers(r + 1, w - r - 1))
+        ang, amp = rng.uniform(0, 2 * np.pi), rng.uniform(0.3, 1.5)
+        yy, xx = torch.meshgrid(torch.arange(h) / h, torch.arange(w) / w, indexing="ij")
+        img = (amp * (math.cos(ang) * yy + math.sin(ang) * xx)).float().expand(3, h, w).clone()
+        img[:, cy - r:cy + r + 1, cx - r:cx + r + 1] += 1.0
+        img += 0.05 * torch.from_numpy(rng.standard_normal((3, h, w))).float()
+        py, px = peak_of(img)
+        assert abs(py - cy) <= r + 2 and abs(px - cx) <= r + 2, ((h, w), (cy, cx), (py, px))
+        qy, qx = peak_of(img, pad=0)
+        misses_periodic += not (abs(qy - cy) <= r + 2 and abs(qx - cx) <= r + 2)
+    assert misses_periodic >= 3
+
+
+@pytest.mark.parametrize("h,w", [(28, 28), (32, 32), (40, 48), (64, 64)])
+def test_saliency_of_a_band_along_one_border_peaks_on_its_inner_edge(h, w):
+    """A flat image with a bright band along one border (a quarter or half of the image): the
+    only real edge is the band's inner side. The periodic FFT also sees a jump where the band
+    meets the opposite border; the peak must not sit on the image's edge for that reason (the
+    plain recipe, pad=0, puts it on the image's edge in at least half of these cases)."""
+    g = torch.Generator().manual_seed(0)
+    periodic_on_edge = 0
+    for frac in (0.25, 0.5):
+        for axis in (0, 1):                         # a band along the top, or the left
+            n = (h, w)[axis]
+            c = int(n * frac)
+            img = torch.zeros(3, h, w)
+            if axis == 0:
+                img[:, :c] = 1.0
+            else:
+                img[:, :, :c] = 1.0
+            img += 0.05 * torch.randn(3, h, w, generator=g)
+            at = peak_of(img)[axis]
+            assert abs(at - c) <= 3 and 0 < at < n - 1, (frac, axis, c, at)
+            periodic_on_edge += peak_of(img, pad=0)[axis] in (0, n - 1)
+    assert periodic_on_edge >= 2
+
+
+def test_saliency_pad_is_checked_and_the_map_has_the_image_size():
+    img = torch.rand(3, 20, 30)
+    assert mixes.spectral_residual_saliency(img).shape == (20, 30)
+    assert mixes.spectral_residual_saliency(img, pad=0).shape == (20, 30)
+    for bad in (-1, 64):
+        with pytest.raises(ValueError, match="pad"):
+            mixes.spectral_residual_saliency(img, pad=bad)
+
+
+def test_saliency_box_reads_nothing_back():
+    """The padded saliency and its box, with λ a float or a 0-d tensor: no device read."""
+    img = torch.rand(3, 24, 24)
+    for lam in (0.3, torch.tensor(0.3)):
+        with ReadBacks() as mode:
+            box, lam_adj = mixes.saliency_box(mixes.spectral_residual_saliency(img), lam)
+        assert mode.seen == [] and box.dtype == torch.int64 and box.shape == (4,)
+
+
+# ---- the CutMix box convention ------------------------------------------------------------------
+def test_clip_box_on_host_ints_and_tensors():
+    """clip_box is cutmix's ``max(c - cut // 2, 0), min(c + cut // 2, size)``: the same numbers
+    from host ints (ints back) and from tensors (tensors back, cuts as ints or tensors)."""
+    cases = [((5, 7, 4, 6, 13, 19), (3, 7, 4, 10)),     # inside
+             ((0, 18, 8, 9, 13, 19), (0, 4, 14, 19)),   # clipped at the top and the right
+             ((12, 0, 25, 38, 13, 19), (0, 13, 0, 19)),  # a cut larger than the image
+             ((6, 9, 3, 1, 13, 19), (5, 7, 9, 9)),      # odd cuts: ± cut // 2, a 1-wide cut
+             ((6, 9, 0, 0, 13, 19), (6, 6, 9, 9))]      # nothing cut
+    for args, want in cases:
+        got = mixes.clip_box(*args)
+        assert got == want and all(type(v) is int for v in got), (args, got)
+        cy, cx, ch, cw, h, w = args
+        for cuts in ((ch, cw), (torch.tensor(ch), torch.tensor(cw))):
+            t = mixes.clip_box(torch.tensor(cy), torch.tensor(cx), *cuts, h, w)
+            assert all(isinstance(v, torch.Tensor) and v.dtype == torch.int64 for v in t)
+            assert [int(v) for v in t] == list(want), (args, cuts)
+    # every centre of a small image, every cut: the tensor path equals the int path
+    h, w = 7, 5
+    cy, cx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    for ch in range(0, 10):
+        for cw in (0, 1, 4, 7):
+            t = mixes.clip_box(cy, cx, ch, cw, h, w)
+            for i in range(h):
+                for j in range(w):
+                    assert [int(v[i, j]) for v in t] == list(mixes.clip_box(i, j, ch, cw, h, w))
+
+
+def test_every_cutmix_style_box_is_clip_box():
+    """CutMix's, ResizeMix's and SaliencyMix's boxes on the same centres and cuts are
+    clip_box's (the one convention)."""
+    from fastmix.functional import cutmix_box
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        h, w = int(rng.integers(4, 40)), int(rng.integers(4, 40))
+        lam = float(rng.random())
+        cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+        ratio = (1.0 - lam) ** 0.5
+        y0, y1, x0, x1, _ = cutmix_box(h, w, lam, Scripted(cy, cx))
+        assert (y0, y1, x0, x1) == mixes.clip_box(cy, cx, int(h * ratio), int(w * ratio), h, w)
+        tau = float(rng.uniform(0.1, 0.8))
+        y0, y1, x0, x1, _ = mixes.resizemix_box(h, w, tau, Scripted(cy, cx))
+        assert (y0, y1, x0, x1) == mixes.clip_box(cy, cx, int(h * tau), int(w * tau), h, w)
+        sal = torch.zeros(h, w)
+        sal[cy, cx] = 1.0
+        ratio = math.sqrt(1.0 - lam)
+        want = mixes.clip_box(cy, cx, int(h * ratio), int(w * ratio), h, w)
+        assert tuple(mixes.saliency_box(sal, lam)[0].tolist()) == want
+        assert tuple(mixes.saliency_box(sal, torch.tensor(lam))[0].tolist()) == want
+
+
+def test_fidelity_bench_refuses_without_openmixup():
+    """bench/fidelity.py measures fastmix against OpenMixup's own code, which is never part of
+    the project: without --openmixup it stops with a usage error (and imports nothing)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "fidelity.py")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--openmixup DIR is required" in out.stderr
+    out = subprocess.run([sys.executable, os.path.join(root, "bench", "fidelity.py"),
+                          "--openmixup", os.path.join(root, "no-such-dir")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "not a directory" in out.stderr
 
 
 @pytest.mark.parametrize("arch,stages", [("resnet_small", 4), ("wrn16_1", 3)])
@@ -352,7 +620,7 @@ def test_puzzlemix_step_lambda_is_each_samples_kept_area():
     for _ in range(4):
         draw = model.draw(x)
         assert draw["block_num"] in (2, 4)
-        x_mix, lam = model.puzzle(x, y, draw)
+        x_mix, _, _, lam = model.mix_with(x, y, draw)
         assert all(p.grad is None for p in model.parameters()) and model.training
         assert lam.shape == (5,) and lam.min() >= 0 and lam.max() <= 1
         # with transport the kept pixels of a sample come from its moved blocks; λ_i is the
