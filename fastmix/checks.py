@@ -144,12 +144,7 @@ def _check_float(name, t, eager):
 
 # ---- mixed cross-entropy -------------------------------------------------------------------
 def check_cross_entropy(logits, target_a, target_b, lam, label_smoothing, eager=False):
-    _check_float("logits", logits, eager)
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D [N, K], got shape {tuple(logits.shape)}")
-    n, k = logits.shape
-    if n == 0 or k == 0:
-        raise ValueError(f"logits must be non-empty [N, K], got shape {tuple(logits.shape)}")
+    n, k = _check_logits(logits, eager)
     classes = f"the {k} classes of logits"
     check_index("target_a", target_a, n, logits.device, classes, high=k)
     if target_b is not None:

@@ -77,7 +77,21 @@ class MethodFacts:
     modes = ("batch",)          # λ per batch; Mixup and CutMix also per sample (pair, elem)
 
 
-class MixMethod(MethodFacts, nn.Module):
+class HostDraws:
+    """λ and the partners, drawn without reading the device: ``self.alpha``, ``self.rng``."""
+
+    def sample_lam(self, size=None):
+        """λ ~ Beta(α, α) on the host (1.0 when α = 0, i.e. no mixing)."""
+        if self.alpha == 0:
+            return 1.0 if size is None else [1.0] * size
+        lam = self.rng.beta(self.alpha, self.alpha, size)
+        return float(lam) if size is None else [float(v) for v in lam]
+
+    def permutation(self, n, device, no_fixed_points=False):
+        return random_permutation(n, device, no_fixed_points=no_fixed_points)
+
+
+class MixMethod(MethodFacts, HostDraws, nn.Module):
     default_head = "cls"
     head_names = ("cls",)
 
@@ -107,16 +121,6 @@ class MixMethod(MethodFacts, nn.Module):
             if isinstance(m, nn.Conv2d):
                 return m.in_channels  # the first conv of the (first) backbone
         return None
-
-    def sample_lam(self, size=None):
-        """λ ~ Beta(α, α) on the host (1.0 when α = 0, i.e. no mixing)."""
-        if self.alpha == 0:
-            return 1.0 if size is None else [1.0] * size
-        lam = self.rng.beta(self.alpha, self.alpha, size)
-        return float(lam) if size is None else [float(v) for v in lam]
-
-    def permutation(self, n, device, no_fixed_points=False):
-        return random_permutation(n, device, no_fixed_points=no_fixed_points)
 
     def check_batch(self, x, y):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -267,7 +271,7 @@ def _to_device(host, device):
     return t.to(device)
 
 
-class Mixer(MethodFacts):
+class Mixer(MethodFacts, HostDraws):
     """A mixing policy that needs no model: ``draw`` (the step's random choices: host numbers
     from a numpy generator, device permutations, never a read of device memory) and
     ``mix_with`` (device work only).
@@ -311,16 +315,6 @@ class Mixer(MethodFacts):
         """Raise if ``backbone`` lacks what this method needs (``needs``)."""
 
     # ---- draws ------------------------------------------------------------------------------
-    def sample_lam(self, size=None):
-        """λ ~ Beta(α, α) on the host (1.0 when α = 0, i.e. no mixing)."""
-        if self.alpha == 0:
-            return 1.0 if size is None else [1.0] * size
-        lam = self.rng.beta(self.alpha, self.alpha, size)
-        return float(lam) if size is None else [float(v) for v in lam]
-
-    def permutation(self, n, device, no_fixed_points=False):
-        return random_permutation(n, device, no_fixed_points=no_fixed_points)
-
     @staticmethod
     def host_mask(mask, x):
         """A numpy mask as a float32 CPU tensor (pinned when ``x`` is on CUDA, so the copy to
@@ -427,9 +421,6 @@ class Classifier(MixMethod):
     @fused.setter
     def fused(self, value):
         self.mixer.fused = value
-
-    def sample_lam(self, size=None):
-        return self.mixer.sample_lam(size)
 
     def logits(self, x, mix_at=None, mix_fn=None):
         if mix_at is None:
