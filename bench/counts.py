@@ -5,6 +5,7 @@ every fused op against its eager twin, and of every method's whole training step
     python bench/counts.py                        # the real shapes (FakeTensorMode: ~2 min)
     python bench/counts.py --quick                # tiny shapes (what CI runs)
     python bench/counts.py --results bench/RESULTS.md --json runs/counts.json
+    python bench/counts.py --check-peak           # counted peak against real CPU tensors
 
 Nothing is computed: every tensor is a ``FakeTensorMode`` tensor (shapes, strides and dtypes,
 no data), so the R-50 224 px step counts as fast as the CIFAR one. What is counted, per call:
@@ -26,12 +27,20 @@ no data), so the R-50 224 px step counts as fast as the CIFAR one. What is count
 * **saved**: the bytes autograd holds for backward at the end of the forward
   (``saved_tensors_hooks``; distinct storages, parameters and buffers excluded; autocast's
   bf16 weight copies included).
-* **peak**: the most bytes of tensor storage alive at once during the step (parameters,
-  buffers, gradients, optimizer state, the batch, activations, temporaries), tracked by
-  storage weak references as ``torch.distributed._tools.mem_tracker.MemTracker`` does (which
-  cannot be used here: it hooks every parameter, and the momentum encoder's are frozen). It is
-  what ``torch.cuda.max_memory_allocated`` would report without the caching allocator's
-  rounding, the figure closest to the GPU memory of the paper's tables.
+* **peak**: the most bytes of tensor storage alive at once during one steady-state step (the
+  second), from its start to its end: what is alive when it starts (parameters, buffers,
+  optimizer state, the step guard's copies, the batch, and the previous step's gradients,
+  which ``TrainStep`` drops with ``zero_grad(set_to_none=True)`` after the forward, before
+  the backward), plus every tensor the step's ops return, each until it is freed
+  (activations, saved tensors, temporaries, the new gradients). Tracked by storage weak
+  references as ``torch.distributed._tools.mem_tracker.MemTracker`` does (which cannot be
+  used here: it hooks every parameter, and the momentum encoder's are frozen); nothing the
+  counter holds keeps a tensor alive. It is what ``torch.cuda.max_memory_allocated`` would
+  report without the caching allocator's rounding and without the libraries' workspaces
+  (cuDNN, cuBLAS; oneDNN on the CPU), the figure closest to the GPU memory of the paper's
+  tables. Checked against the same step on real CPU tensors (``--check-peak``,
+  ``measure_step``: the profiler's allocation events), which it matches to 0.1% once the
+  blocks an op allocates and frees itself (its workspace) are left out.
 * **read-backs**: aten ops that copy a device value to the host (``.item()``, ``bool()``,
   ``nonzero``...), each a host sync on a GPU. The index checks of ``fastmix.checks`` are
   counted as CUDA runs them (``device_side_index_checks``: a ``torch._assert_async``, no read);
@@ -52,6 +61,7 @@ CPU's autocast policy stands in for CUDA's (the same ops run in bf16: convolutio
 import argparse
 import collections
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -169,7 +179,7 @@ class Tally:
     read_backs: list = field(default_factory=list)     # (op, where)
     cpu_checks: int = 0               # host reads made inside fastmix.checks
     by_op: dict = field(default_factory=dict)          # name -> [launches, bytes]
-    peak: int = 0                     # MemTracker's peak (steps only)
+    peak: int = 0                     # most live storage bytes (steps only)
     flops_counter: int = 0            # FlopCounterMode's own total (aten ops only)
 
     @property
@@ -224,11 +234,13 @@ class Counter(TorchDispatchMode):
     """Counts every aten op below it (see the module docstring) into ``self.tally``; with
     ``live``, tracks every tensor the ops return."""
 
-    def __init__(self, tally, live=None):
+    def __init__(self, tally, live=None, drain=None):
         super().__init__()
-        self.tally, self.live = tally, live
+        self.tally, self.live, self.drain = tally, live, drain
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.drain is not None:
+            self.drain()
         kwargs = kwargs or {}
         packet = func.overloadpacket
         name = packet.__name__
@@ -292,38 +304,91 @@ def kernel_counts(name, target, args, kwargs):
     return nbytes, flops, dtype
 
 
+class _GlobalOnly:
+    """FlopCounterMode's module tracker less the modules: every FLOP goes to "Global" (all
+    that is read here). The real one puts a multi-grad hook on each module's inputs and
+    outputs whose closure holds their grad_fns: reference cycles that keep a graph the step
+    drops (the official step's detached mask_bb, 2 MiB at R-18 b32) and its saved tensors
+    alive until Python's cyclic collector runs, in the counted peak."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Collect, then hold Python's cyclic collector off: a step's peak then does not depend on
+    when the collector runs (the counted and the real step are measured under this same
+    rule; any cyclic garbage a step makes stays in its peak)."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @contextlib.contextmanager
 def counting(tally, exclude_storages=(), resident=None):
     """Count everything run inside into ``tally`` (kernels recorded, not run). ``resident``:
-    the tensors alive before (parameters, optimizer state, the batch...); given, the peak of
-    live bytes goes to ``tally.peak``."""
-    saved = {}
+    the tensors alive before (parameters, optimizer state, the batch...), or a function that
+    returns them; given, the peak of live bytes goes to ``tally.peak``. Neither ``resident``
+    nor a recorded launch's arguments are kept alive by the count: a tensor the step frees
+    (the previous step's gradients at ``zero_grad(set_to_none=True)``, a kernel's output)
+    leaves the live bytes when it is freed."""
+    saved, seen = [0], {}
     exclude = set(exclude_storages)
 
     def pack(t):
-        key = t.untyped_storage()._cdata
-        if key not in exclude:
-            saved[key] = t.untyped_storage().nbytes()
-        return t
+        st = t.untyped_storage()
+        key = st._cdata
+        if key not in exclude and key not in seen:
+            saved[0] += st.nbytes()
+            # forgotten when freed: a new storage at the same address is another one
+            seen[key] = weakref.ref(st, lambda _, key=key: seen.pop(key, None))
+        # Not t itself: a saved output would then hold its own grad_fn (a reference cycle), and
+        # a graph the step drops (the official step's detached mask_bb) would live on until
+        # Python's cyclic collector ran, in the peak. The unpacked tensor gets its grad_fn back
+        # from autograd, as without hooks.
+        return t.detach()
 
     live = None
     if resident is not None:
         live = LiveBytes()
-        for t in resident:
+        for t in (resident() if callable(resident) else resident):
             live.track(t)
+        resident = t = None                 # weak references only from here on
     flop_mode = FlopCounterMode(display=False)
-    with recording() as log, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            device_side_index_checks(), flop_mode, Counter(tally, live):
-        yield
+    flop_mode.mod_tracker = _GlobalOnly()
+    with recording() as log:
+        done = 0
+
+        def drain():
+            """Count the launches recorded since the last call and drop their arguments (the
+            log would otherwise keep every kernel's inputs and outputs alive to the end)."""
+            nonlocal done
+            while done < len(log):
+                name, target, args, kwargs = log[done]
+                log[done] = None
+                nbytes, flops, dtype = kernel_counts(name, target, args, kwargs)
+                tally.kernel_launches += 1
+                tally.add_launch(name, nbytes, flops, dtype)
+                done += 1
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                device_side_index_checks(), flop_mode, Counter(tally, live, drain):
+            yield
+        drain()
     if live is not None:
         tally.peak = live.peak
-    aten_flops = flop_mode.get_total_flops()
-    for name, target, args, kwargs in log:
-        nbytes, flops, dtype = kernel_counts(name, target, args, kwargs)
-        tally.kernel_launches += 1
-        tally.add_launch(name, nbytes, flops, dtype)
-    tally.flops_counter += aten_flops
-    tally.saved = sum(saved.values())
+    tally.flops_counter += flop_mode.get_total_flops()
+    tally.saved = saved[0]
 
 
 def storages_of(module):
@@ -432,68 +497,166 @@ def _fake_module(model, fm):
     return model
 
 
-def count_step(method, preset, batch, config, quick=False):
-    """One steady-state training step (the second; the first creates the optimizer state),
-    counted: a Tally."""
-    from fastmix.engine import build_model, build_optimizer
-    from fastmix.functional import FUSED_OPS, set_op_paths
-    from fastmix.step import StepGuard, TrainStep
-    from fastmix.runtime import autocast_context
-    cfg = _config(method, preset, batch, config, quick)
-    classes = 1000 if preset.startswith("imagenet") else 100
-    size = 224 if preset.startswith("imagenet") else 32
-    device = torch.device("cpu")
-    torch.manual_seed(0)
-    fm = FakeTensorMode(allow_non_fake_inputs=True)
-    model = build_model(cfg, 3, classes, seed=0)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = _fake_module(model, fm)
-    previous = set_op_paths({op: config == "fused" for op in FUSED_OPS})
-    try:
-        with fm:
-            opt = build_optimizer(cfg, model, fused=config == "fused")
+class _Step:
+    """One method's training step as ``train.py`` runs it (``TrainStep``), built on fake tensors
+    (``fm``: a ``FakeTensorMode``) or, with ``fm=None``, on real CPU tensors."""
+
+    def __init__(self, method, preset, batch, config, quick=False, fm=None):
+        from fastmix.engine import build_model, build_optimizer
+        from fastmix.step import StepGuard, TrainStep
+        from fastmix.runtime import autocast_context
+        self.cfg = cfg = _config(method, preset, batch, config, quick)
+        self.config, self.batch, self.fm = config, batch, fm
+        self.classes = 1000 if preset.startswith("imagenet") else 100
+        self.size = 224 if preset.startswith("imagenet") else 32
+        device = torch.device("cpu")
+        torch.manual_seed(0)
+        model = build_model(cfg, 3, self.classes, seed=0)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if fm is not None:
+            model = _fake_module(model, fm)
+        self.model = model
+        with self.mode():
+            self.opt = opt = build_optimizer(cfg, model, fused=config == "fused")
             for g in opt.param_groups:      # faithful: the per-parameter loop; eager: foreach
                 g["foreach"] = {"faithful": False, "eager": True}.get(config)
-            guard = StepGuard(model, device, enabled=config == "fused")
+            self.guard = StepGuard(model, device, enabled=config == "fused")
             runner = model
             if method == "automix" and config == "faithful":
                 from bench.official_step import OfficialAutoMix
                 runner = OfficialAutoMix(model)
-            step = TrainStep(runner, opt, guard, lambda: autocast_context(cfg, device))
-            def batch_():
-                x = torch.randn(batch, 3, size, size)
-                if cfg.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                return x, torch.randint(0, classes, (batch,))
+            self.step = TrainStep(runner, opt, self.guard, lambda: autocast_context(cfg, device))
 
-            def one(i, x, y):
-                draw = model.draw(x)
-                draw.update({k: v for k, v in LAMS.items() if k in draw})
-                loss, _, _ = step(x, y, i, 10 ** 6, draw=draw)
-                if config == "faithful":             # the official NaN check: a read-back
-                    bool(torch.isnan(loss).any())
+    def mode(self):
+        return self.fm if self.fm is not None else contextlib.nullcontext()
 
-            with counting(Tally()):
-                one(0, *batch_())
-            x, y = batch_()                           # a new batch, as from the loader
-            tally = Tally()
-            resident = [x, y] + _resident(model, opt, guard)
-            with counting(tally, storages_of(model), resident):
-                one(1, x, y)
+    def new_batch(self):
+        x = torch.randn(self.batch, 3, self.size, self.size)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, self.classes, (self.batch,))
+
+    def __call__(self, i, x, y):
+        draw = self.model.draw(x)
+        draw.update({k: v for k, v in LAMS.items() if k in draw})
+        loss, _, _ = self.step(x, y, i, 10 ** 6, draw=draw)
+        if self.config == "faithful":             # the official NaN check: a read-back
+            bool(torch.isnan(loss).any())
+
+    def resident(self):
+        """The tensors a step starts with: parameters, buffers, the previous step's gradients
+        (``TrainStep`` drops them with ``zero_grad(set_to_none=True)`` after the forward,
+        before the backward), optimizer state and the step guard's copies."""
+        model, opt, guard = self.model, self.opt, self.guard
+        ts = list(model.parameters()) + list(model.buffers())
+        ts += [p.grad for p in model.parameters() if p.grad is not None]
+        ts += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        ts += guard.backup + [guard.total, guard.run, guard.max_run]
+        return ts
+
+
+@contextlib.contextmanager
+def _op_paths(config):
+    from fastmix.functional import FUSED_OPS, set_op_paths
+    previous = set_op_paths({op: config == "fused" for op in FUSED_OPS})
+    try:
+        yield
     finally:
         set_op_paths(previous)
+
+
+def count_step(method, preset, batch, config, quick=False):
+    """One steady-state training step (the second; the first creates the gradients and the
+    optimizer state), counted on fake tensors: a Tally. Its ``peak`` is the most bytes of
+    tensor storage alive at once from the step's start to its end: what is alive when it starts
+    (``_Step.resident``, the batch included) and every tensor its ops create, each until it is
+    freed (``measure_step`` measures the same on real tensors)."""
+    with _op_paths(config):
+        s = _Step(method, preset, batch, config, quick, FakeTensorMode(allow_non_fake_inputs=True))
+        with s.mode():
+            with counting(Tally()):
+                s(0, *s.new_batch())
+            x, y = s.new_batch()                      # a new batch, as from the loader
+            tally = Tally()
+            # resident: a function, so that no list here keeps the old gradients alive
+            with _no_gc(), counting(tally, storages_of(s.model), lambda: [x, y] + s.resident()):
+                s(1, x, y)
     return tally
 
 
-def _resident(model, opt, guard):
-    """The tensors a step starts with: parameters, buffers, gradients, optimizer state and
-    the step guard's copies."""
-    ts = list(model.parameters()) + list(model.buffers())
-    ts += [p.grad for p in model.parameters() if p.grad is not None]
-    ts += [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
-    ts += guard.backup + [guard.total, guard.run, guard.max_run]
-    return ts
+STEP_MARK = "counts.measured_step"
+
+
+def measure_step(method, preset, batch, config, quick=False):
+    """The step of ``count_step`` run on real CPU tensors, its peak memory measured by the
+    profiler (``profile_memory=True``): every allocation and free the CPU allocator makes, the
+    kernels' own workspaces included, from before the model is built, so the bytes alive when
+    the step starts are known too: ``profiled_peak``'s dict for the second step."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with _op_paths(config), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        s = _Step(method, preset, batch, config, quick)
+        s(0, *s.new_batch())
+        x, y = s.new_batch()
+        with _no_gc(), record_function(STEP_MARK):
+            s(1, x, y)
+        del s, x, y
+    return profiled_peak(prof, STEP_MARK)
+
+
+def profiled_peak(prof, mark):
+    """The CPU allocator's bytes over the profiler's ``mark`` range, from its allocation events
+    (+ bytes at an allocation, - at a free) summed in time order: ``{"at_start", "peak",
+    "peak_tensors"}``. ``peak`` counts every allocation; ``peak_tensors`` leaves out the blocks
+    an aten op allocates and frees before it returns (a kernel's own workspaces and scratch
+    tensors: oneDNN's reordered weights and padded blocked-format copies, the fp32 temporaries
+    of a bf16 batch norm backward, as cuDNN's workspaces on a GPU), which no op hands back.
+    ``count_step`` counts what ``peak_tensors`` measures."""
+    from torch._C._profiler import _EventType
+    allocs, marks = [], []
+    stack = [(e, None) for e in reversed(prof.profiler.kineto_results.experimental_event_tree())]
+    while stack:                        # (event, the outermost aten op enclosing it), in order
+        e, op = stack.pop()
+        if e.tag == _EventType.Allocation:
+            f = e.extra_fields
+            if f.device.type == "cpu":
+                allocs.append((e.start_time_ns, len(allocs), f.alloc_size, f.ptr,
+                               op.end_time_ns if op is not None else None))
+            continue
+        if e.name == mark:
+            marks.append(e)
+        if op is None and e.name.startswith("aten::"):
+            op = e
+        stack.extend((c, op) for c in reversed(e.children))
+    if len(marks) != 1:
+        raise RuntimeError(f"expected one {mark!r} range in the profile, got {len(marks)}")
+    t0, t1 = marks[0].start_time_ns, marks[0].end_time_ns
+    allocs = [(t, nbytes, ptr, end) for t, _, nbytes, ptr, end in sorted(allocs)]
+    internal, open_at = set(), {}       # blocks freed before the op that allocated them ends
+    for i, (t, nbytes, ptr, _) in enumerate(allocs):
+        if nbytes > 0:
+            open_at[ptr] = i
+        elif ptr in open_at:
+            j = open_at.pop(ptr)
+            if allocs[j][3] is not None and t <= allocs[j][3]:
+                internal.update((i, j))
+    now = tensors = 0
+    out = None
+    for i, (t, nbytes, _, _) in enumerate(allocs):
+        if t > t1:
+            break
+        if t >= t0 and out is None:
+            out = {"at_start": now, "peak": now, "peak_tensors": tensors}
+        now += nbytes
+        if i not in internal:
+            tensors += nbytes
+        if out is not None:
+            out["peak"] = max(out["peak"], now)
+            out["peak_tensors"] = max(out["peak_tensors"], tensors)
+    if out is None:
+        raise RuntimeError("no allocation in the measured step")
+    return out
 
 
 def step_rows(quick, methods=METHODS, configs=CONFIGS):
@@ -567,6 +730,58 @@ def read_back_notes(rows):
     return "\n".join(out) + ("\n" if out else "")
 
 
+# ---- the counted peak against real CPU tensors -------------------------------------------------
+CHECK_SHAPES = (("R-18 CIFAR 32px", "cifar100-r18", 32), ("R-18 CIFAR 32px", "cifar100-r18", 100))
+CHECK_METHODS = ("vanilla", "automix")
+
+
+def check_peak_rows(configs, quick=False, shapes=None, methods=CHECK_METHODS):
+    """``count_step``'s peak against ``measure_step``'s, per shape, method and configuration
+    (``quick``: the tiny ResNet). One intra-op thread: the profiler sees the allocations of
+    the thread it runs on."""
+    shapes = shapes or (QUICK_SHAPES if quick else CHECK_SHAPES)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for label, preset, batch in shapes:
+            for method in methods:
+                for config in configs:
+                    t0 = time.perf_counter()
+                    counted = count_step(method, preset, batch, config, quick).peak
+                    real = measure_step(method, preset, batch, config, quick)
+                    rows.append({"shape": f"{label} b{batch}", "method": method,
+                                 "config": config, "counted": counted, **real,
+                                 "check_s": round(time.perf_counter() - t0, 1)})
+                    print(f"  checked {label} b{batch} {method} {config} "
+                          f"({rows[-1]['check_s']} s): counted {counted}, real {real}",
+                          file=sys.stderr, flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
+
+
+def check_peak_table(rows):
+    lines = ["| shape | method | config | counted peak MiB | real peak MiB (tensors) | "
+             "counted / real | real, all allocations MiB | counted / all | at step start MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['shape']} | {r['method']} | {r['config']} | {_mb(r['counted'])} | "
+            f"{_mb(r['peak_tensors'])} | {r['counted'] / r['peak_tensors']:.4f} | "
+            f"{_mb(r['peak'])} | {r['counted'] / r['peak']:.4f} | {_mb(r['at_start'])} |")
+    base = {(r["shape"], r["config"]): r for r in rows if r["method"] == "vanilla"}
+    ratios = ["", "| shape | config | AutoMix/vanilla counted | real (tensors) | "
+              "real (all allocations) |", "|---|---|---|---|---|"]
+    for r in rows:
+        v = base.get((r["shape"], r["config"]))
+        if r["method"] == "vanilla" or v is None:
+            continue
+        ratios.append(f"| {r['shape']} | {r['config']} | {_x(r['counted'], v['counted'])} | "
+                      f"{_x(r['peak_tensors'], v['peak_tensors'])} | {_x(r['peak'], v['peak'])} |")
+    return "\n".join(lines + (ratios if len(ratios) > 3 else [])) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -577,15 +792,39 @@ def main(argv=None):
     ap.add_argument("--json", help="write every row here")
     ap.add_argument("--results", help="put the tables into this markdown file (between "
                                       "<!-- counts:begin/end --> markers)")
+    ap.add_argument("--check-peak", action="store_true",
+                    help="only the counted peak memory against the same step on real CPU "
+                         "tensors (the profiler's allocation events): R-18 CIFAR b32 and b100, "
+                         "vanilla and AutoMix; --results puts the table between "
+                         "<!-- counts-peak:begin/end --> markers")
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="with --check-peak")
     args = ap.parse_args(argv)
     methods = tuple(args.methods.split(","))
     unknown = set(methods) - set(METHODS)
     if unknown:
         ap.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     t0 = time.perf_counter()
+    command = "python bench/counts.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.check_peak:
+        configs = tuple(args.configs.split(","))
+        if set(configs) - set(CONFIGS):
+            ap.error(f"unknown configs {sorted(set(configs) - set(CONFIGS))}; choose from "
+                     f"{', '.join(CONFIGS)}")
+        rows = check_peak_rows(configs, args.quick)
+        text = (f"Measured by `{command.strip()}` ({time.strftime('%Y-%m-%d')}, torch "
+                f"{torch.__version__}, {time.perf_counter() - t0:.0f} s on the CPU, one "
+                f"intra-op thread): the counted peak (FakeTensorMode) against the same step "
+                f"on real CPU tensors, the profiler's allocation events over the step.\n\n"
+                + check_peak_table(rows))
+        print(text)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"check_peak": rows}, f, indent=1)
+        if args.results:
+            replace_section(args.results, text, "counts-peak")
+        return 0
     ops = [] if args.steps_only else op_rows(args.quick)
     steps = [] if args.ops_only else step_rows(args.quick, methods)
-    command = "python bench/counts.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = (f"Counted by `{command.strip()}` ({time.strftime('%Y-%m-%d')}, torch "
             f"{torch.__version__}, {time.perf_counter() - t0:.0f} s on the CPU, FakeTensorMode). "
             f"**Modelled GPU time is a roofline model, not a measurement**: per op max(bytes / "
