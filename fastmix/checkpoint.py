@@ -10,6 +10,8 @@ from dataclasses import asdict
 
 import torch
 
+from fastmix.backbones import classifier_state_dict
+
 TMP_PREFIX = ".tmp-"
 
 
@@ -132,14 +134,16 @@ def set_rng_states(model, state):
 
 
 def export_classifier(model, path, head=None):
-    """Write the chosen encoder + head as a plain state dict (backbone keys + ``fc.*``), loadable
-    into the matching ResNet (torchvision's for the ImageNet-stem archs) without fastmix."""
+    """Write the chosen encoder + head as the state dict of the plain classifier it is
+    (``fastmix.backbones.classifier_state_dict``), loadable with ``strict=True`` and no key
+    renamed, without fastmix, giving the same logits as ``model.predict(x)[head]``:
+    ``timm.create_model(name, num_classes=K)`` for ``timm:<name>`` (the head under timm's
+    classifier name), ``torchvision.models.<arch>(num_classes=K)`` for the ImageNet-stem
+    ResNets, the wrapped model for a ``FeatureTap`` (the head under its ``classifier`` name),
+    and for fastmix's CIFAR ResNets and WideResNets the backbone keys + ``fc.*``
+    (``fastmix.backbones.PlainClassifier``). Returns the head's name."""
     head = head or model.default_head
     backbone, cls_head = (model.inference_model(head) if len(model.head_names) > 1
                           else model.inference_model())
-    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    state.update({"fc." + k: v.detach().cpu().clone() for k, v in cls_head.fc.state_dict().items()})
-    atomic_save(state, path)
+    atomic_save(classifier_state_dict(backbone, cls_head), path)
     return head
-
-

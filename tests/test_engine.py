@@ -30,11 +30,9 @@ def _strip(history):
 @pytest.mark.parametrize("method,ema", [("automix", False), ("cutmix", False), ("mixup", True)])
 def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method, ema):
     """Exact resume, the EMA head of --ema included (its weights are exported: ema by default)."""
-    _cfg = tiny_cfg
-
-    def tiny_cfg(out, **kw):       # noqa: F811  (this test's runs, with or without --ema)
-        return _cfg(out, ema=ema, **kw)
-    full = train(tiny_cfg(tmp_path / "full", method=method, export=str(tmp_path / "full.pt")))
+    def cfg(out, **kw):            # this test's runs, with or without --ema
+        return tiny_cfg(out, ema=ema, **kw)
+    full = train(cfg(tmp_path / "full", method=method, export=str(tmp_path / "full.pt")))
     if ema:
         assert full["exported_head"] == full["reported_head"] == "ema"
         assert set(full["final_top1"]) == {"cls", "ema"}
@@ -50,11 +48,11 @@ def test_resume_mid_epoch_equals_uninterrupted(tmp_path, monkeypatch, method, em
 
     monkeypatch.setattr(TensorLoader, "__iter__", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_cfg(tmp_path / "cut", method=method))
+        train(cfg(tmp_path / "cut", method=method))
     state = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert (state["epoch"], state["batch"]) == (1, 3)  # the mid-epoch checkpoint
     monkeypatch.setattr(TensorLoader, "__iter__", orig_iter)
-    resumed = train(tiny_cfg(tmp_path / "cut", method=method, resume="auto",
+    resumed = train(cfg(tmp_path / "cut", method=method, resume="auto",
                              export=str(tmp_path / "resumed.pt")))
 
     assert resumed["final_top1"] == full["final_top1"]

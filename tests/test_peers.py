@@ -200,10 +200,11 @@ class _Draws:
 
 
 def _roll_partners(monkeypatch):
-    """fastmix.mixers draws torchvision's pairing (i with i - 1) instead of a permutation."""
-    import fastmix.mixers
-    monkeypatch.setattr(fastmix.mixers, "random_permutation",
-                        lambda n, device: torch.arange(n, device=device).roll(1))
+    """fastmix's mixers draw torchvision's pairing (i with i - 1) instead of a permutation."""
+    import fastmix.methods.base
+    monkeypatch.setattr(fastmix.methods.base, "random_permutation",
+                        lambda n, device, no_fixed_points=False:
+                        torch.arange(n, device=device).roll(1))
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -253,25 +254,37 @@ def test_mixers_cutmix_equals_torchvision_cutmix(seed, monkeypatch):
 
 
 # ---- backbones ------------------------------------------------------------------------------
-TIMM_TAPS = {   # family: (model, the tapped modules = the last two stages, their channels)
-    "resnet": ("resnet18", ["layer3", "layer4"], (256, 512)),
-    "resnet-d": ("resnet26d", ["layer3", "layer4"], (1024, 2048)),
-    "efficientnet": ("efficientnet_b0", ["blocks.4", "blocks.6"], (112, 320)),
-    "convnext": ("convnext_atto", ["stages.2", "stages.3"], (160, 320)),
-    "regnet": ("regnetx_002", ["s3", "s4"], (152, 368)),
-    "mobilenetv3": ("mobilenetv3_small_100", ["blocks.3", "blocks.5"], (48, 576)),
+TIMM_TAPS = {   # family: (model, the tapped module = the second-last feature stage, its channels,
+    #                      the final (pre-logits) width: num_features, or head_hidden_size)
+    "resnet": ("resnet18", "layer3", 256, 512),
+    "resnet-d": ("resnet26d", "layer3", 1024, 2048),
+    "efficientnet": ("efficientnet_b0", "blocks.4", 112, 1280),     # after conv_head / bn2
+    "convnext": ("convnext_atto", "stages.2", 160, 320),
+    "regnet": ("regnetx_002", "s3", 152, 368),
+    "mobilenetv3": ("mobilenetv3_small_100", "blocks.3", 48, 1024),  # conv_head after the pool
 }
 
 
 @pytest.mark.parametrize("family", sorted(TIMM_TAPS))
-def test_timm_backbones_tap_the_last_two_stages(family):
-    name, modules, channels = TIMM_TAPS[family]
-    bb = build_backbone(f"timm:{name}")
-    assert bb.model.feature_info.module_name() == modules
-    assert tuple(bb.out_channels) == channels
-    f3, final = bb(torch.randn(2, 3, 64, 64))
-    assert (f3.shape[1], final.shape[1]) == channels
-    assert (f3.shape[-1], final.shape[-1]) == (4, 2)      # strides 16 and 32
+def test_timm_backbones_tap_the_second_last_stage_of_the_whole_network(family):
+    """``timm:<name>`` is ``timm.create_model(name, num_classes=0)``, unaltered: its tap is the
+    output of the module ``feature_info[-2]`` names (a hook on it agrees), its final features
+    timm's pre-logits (``forward_head(forward_features(x), pre_logits=True)``, [N, C, 1, 1])."""
+    name, module, c_tap, c_final = TIMM_TAPS[family]
+    bb = build_backbone(f"timm:{name}").eval()
+    assert bb.model.feature_info[-2]["module"] == bb.tap_module == module
+    assert tuple(bb.out_channels) == (c_tap, c_final)
+    full = timm.create_model(name, num_classes=K)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(bb) == count(full) - count(full.get_classifier())    # all but the classifier
+    seen = []
+    bb.model.get_submodule(module).register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        f3, final = bb(x)
+        pre = bb.model.forward_head(bb.model.forward_features(x), pre_logits=True)
+    assert torch.equal(f3, seen[0]) and f3.shape == (2, c_tap, 4, 4)      # stride 16
+    assert final.shape == (2, c_final, 1, 1) and torch.equal(final.flatten(1), pre)
 
 
 def test_timm_resnet18_automix_has_the_whole_network():
@@ -296,15 +309,16 @@ def test_featuretap_on_a_torchvision_resnet():
     assert f3.shape == (2, 1024, 4, 4) and final.shape == (2, 2048, 2, 2)
 
 
-@pytest.mark.parametrize("arch,tv_name", [("resnet18", "resnet18"), ("resnet50", "resnet50")])
-def test_fastmix_imagenet_resnets_are_torchvisions(arch, tv_name):
-    """fastmix's ImageNet-stem ResNets use torchvision's module names and computation: the
-    weights load into ``torchvision.models.<name>`` strictly (less ``fc``) and both give the
-    same layer3 / layer4 features, so the export is a torchvision checkpoint."""
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_imagenet_resnets_are_torchvisions(arch):
+    """The ImageNet-stem ResNets are built by ``torchvision.models.<arch>``: the state dict is
+    torchvision's less ``fc`` (it loads into ``torchvision.models.<arch>`` strictly but ``fc``)
+    and both give the same layer3 / layer4 features, so the export is a torchvision checkpoint."""
     import torchvision
     torch.manual_seed(0)
     ours = build_backbone(arch).eval()
-    tv = getattr(torchvision.models, tv_name)(num_classes=10).eval()
+    assert type(ours.layer1[0]).__module__ == "torchvision.models.resnet"
+    tv = getattr(torchvision.models, arch)(num_classes=10).eval()
     missing, unexpected = tv.load_state_dict(ours.state_dict(), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     x = torch.randn(2, 3, 64, 64)

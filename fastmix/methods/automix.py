@@ -110,7 +110,7 @@ class AutoMix(MixMethod):
         self.k_early_exit = k_early_exit
         if k_early_exit and "tap_only" not in backbone.forward.__code__.co_varnames:
             raise ValueError("k_early_exit needs a backbone whose forward takes tap_only "
-                             "(the fastmix ResNets and WideResNets)")
+                             "(fastmix's ResNets and WideResNets, the torchvision and timm backbones)")
         self.head_weights = dict(mix_q=1.0, one_q=1.0, mix_k=1.0)
         self.head_weights.update(head_weights or {})
 
