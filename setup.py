@@ -13,14 +13,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["fastmix", "fastmix.data", "fastmix.kernels"],
+    packages=["fastmix", "fastmix.data", "fastmix.methods", "fastmix.kernels"],
     package_dir={"fastmix": "fastmix", "fastmix.kernels": "kernels"},
     package_data={"fastmix.kernels": ["autotune_spills.json"]},
     py_modules=[],
-    install_requires=["torch>=2.4", "numpy", "tqdm", "pillow"],
+    install_requires=["torch>=2.4", "torchvision", "timm", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark", "triton>=3.6,<3.9", "numpy", "pillow",
-                 "matplotlib", "gco-wrapper"],
+                 "matplotlib", "gco-wrapper", "timm", "torchvision"],
         "puzzlemix": ["gco-wrapper"],   # the graph cut of --method puzzlemix
         "study": ["matplotlib"],
         "dali": ["nvidia-dali-cuda130"],

@@ -157,10 +157,20 @@ def cross_entropy_cases(full):
 CASES = (attention_cases, mask_mix_cases, cross_entropy_cases)
 
 
-def record(full):
-    with recording() as log:
-        names = [c for make in CASES for c in make(full)]
-    return names, log
+def record(full, archs):
+    """The cases' launches for each GPU: ``(names, [(launch, arch)])``. The launch
+    configurations that depend on the architecture (``mask_mix.TARGET_ARCH``) are recorded for
+    each one."""
+    out = []
+    for arch in archs:
+        mask_mix.TARGET_ARCH = f"sm_{arch}"
+        try:
+            with recording() as log:
+                names = [c for make in CASES for c in make(full)]
+        finally:
+            mask_mix.TARGET_ARCH = None
+        out += [(launch, arch) for launch in log]
+    return names, out
 
 
 # ---- 2. compiling --------------------------------------------------------------------------
@@ -233,10 +243,11 @@ def _constexpr_key(fn, args, kwargs, arch):
             tuple(sorted((k, str(v)) for k, v in options.__dict__.items())))
 
 
-def jobs(log, archs, all_configs=False):
-    """Distinct compiles: kernels share a binary whenever the specialisation is the same."""
+def jobs(log, all_configs=False):
+    """Distinct compiles of the ``(launch, arch)`` pairs: kernels share a binary whenever the
+    specialisation is the same."""
     seen = {}
-    for (name, target, args, kwargs), arch in itertools.product(log, archs):
+    for (name, target, args, kwargs), arch in log:
         for fn, a, kw, label in _variants(name, target, args, kwargs, arch, all_configs):
             key = _constexpr_key(fn, a, kw, arch)
             if key not in seen:
@@ -364,8 +375,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     archs = tuple(args.arch or ((80, 90, 100) if args.full else (80, 90)))
     t0 = time.perf_counter()
-    names, log = record(args.full)
-    todo = jobs(log, archs, args.all_configs)
+    names, log = record(args.full, archs)
+    todo = jobs(log, args.all_configs)
     print(f"{len(names)} cases, {len(log)} launches, {len(todo)} distinct compiles for "
           f"{', '.join(f'sm_{a}' for a in archs)}", flush=True)
     global _JOBS

@@ -343,6 +343,30 @@ def _max_window(size_out, size_in, block, bilinear, align=1):
     return widest
 
 
+# The GPU the launch configuration is chosen for: "sm_90" etc. (bench/gpu_aot.py sets it to
+# compile each architecture's own configuration); None: the current CUDA device.
+TARGET_ARCH = None
+# Per-architecture floors on the bilinear backward's warps, by triton version, measured with
+# bench/gpu_aot.py: under triton 3.8 its 2-warp tile (224 px images, 14x14 masks) spills 8 B
+# on sm_90, 4 warps spill nothing there, and 2 warps spill nothing on sm_80; under triton
+# 3.7 2 warps spill nothing on sm_90 and 4 do.
+BWD_MIN_WARPS_BILINEAR = {"3.8": {"sm_90": 4}}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_arch(index):
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def _arch():
+    if TARGET_ARCH is not None:
+        return TARGET_ARCH
+    if torch.cuda.is_available():
+        return _device_arch(torch.cuda.current_device())
+    return None
+
+
 def _small_tiles():
     return _common.interpreting() and not GPU_CONFIGS
 
@@ -395,6 +419,9 @@ def _bwd_config(height, width, h, w, bilinear):
     while ry < rows and 2 * ry * bx <= tile and 2 * ry * bj * bx <= 4096:
         ry *= 2
     num_warps = 4 if ry * bx >= 512 or ry * bj * bx >= 2048 else 2
+    if bilinear:
+        floors = BWD_MIN_WARPS_BILINEAR.get(".".join(triton.__version__.split(".")[:2]), {})
+        num_warps = max(num_warps, floors.get(_arch(), 0))
     return bi, bj, ry, bx, num_warps
 
 

@@ -15,8 +15,8 @@ if ROOT not in sys.path:
 import pytest  # noqa: E402
 import importlib.util  # noqa: E402
 
-# The torchvision / timm tests run in the second venv (`make test-models`); the main venv
-# cannot import torchvision, so there they are not collected at all (rather than skipped).
+# make test's venv has torchvision and timm (one pinned stack); an environment without them
+# does not collect the tests that need them (rather than skipping them).
 collect_ignore = [] if all(importlib.util.find_spec(m) for m in ("torchvision", "timm")) \
     else ["test_peers.py", "test_tv_decode.py"]
 
@@ -24,8 +24,8 @@ collect_ignore = [] if all(importlib.util.find_spec(m) for m in ("torchvision", 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
     config.addinivalue_line("markers", "slow: end-to-end runs of more than a few seconds")
-    config.addinivalue_line("markers", "models: needs torchvision and timm (`make test-models` "
-                                       "runs them in a second venv)")
+    config.addinivalue_line("markers", "models: needs torchvision and timm (make test's "
+                                       "venv has them)")
 
 
 def pytest_collection_modifyitems(config, items):

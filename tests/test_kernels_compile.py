@@ -150,3 +150,19 @@ def test_cpu_lambda_and_capture_on_cuda():
         mixed_cross_entropy(logits, y, y.flip(0), torch.tensor(0.3)).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_the_bilinear_backward_takes_its_warps_per_architecture(monkeypatch):
+    """The 224 px bilinear backward tile: 2 warps on sm_80, 4 on sm_90, where 2 spill under
+    triton 3.8 (bench/gpu_aot.py records and compiles each architecture's own config)."""
+    import triton
+    from fastmix.kernels import mask_mix as MM
+    if not triton.__version__.startswith("3.8."):
+        pytest.skip(f"the per-architecture floor is measured for triton 3.8, this is "
+                    f"{triton.__version__}")
+    monkeypatch.setattr(MM, "GPU_CONFIGS", True)
+    warps = {}
+    for arch in ("sm_80", "sm_90"):
+        monkeypatch.setattr(MM, "TARGET_ARCH", arch)
+        warps[arch] = MM._bwd_config(224, 224, 14, 14, True)[-1]
+    assert warps == {"sm_80": 2, "sm_90": 4}
