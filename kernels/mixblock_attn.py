@@ -15,7 +15,7 @@ channel of the original model is folded into the three biases by the caller.
 Kernels (flash-style: no N x L x L tensor and no gathered copy of qk / v in device memory;
 the partner's rows are read through ``index``):
 
-* forward: grid (query tiles, N). A program holds BLOCK_M queries of sample n and loops over
+* forward: grid (N, query tiles). A program holds BLOCK_M queries of sample n and loops over
   key tiles of sample index[n] (BLOCK_N keys; S = q k^T accumulated over D in BLOCK_D
   chunks), keeping an online running max and sum in base 2 and the value reduction as a row
   sum (the value has width 1, so P @ v is no dot). It writes ``out`` and the natural-log
@@ -23,20 +23,22 @@ the partner's rows are read through ``index``):
   for fp16 / bf16 BLOCK_N covers the whole key row on a GPU (one key tile: a plain,
   non-online softmax in effect); fp32 (IEEE dots on the FMA units, register-hungry) caps
   the key tile at 64, and longer rows loop.
-* backward, dq: grid (query tiles, N). Recomputes S and P = exp(S - lse) per key tile, forms
+* backward, dq: grid (N, query tiles). Recomputes S and P = exp(S - lse) per key tile, forms
   dS = P * (dO_i vv_j - Delta_i) (Delta_i = dO_i out_i), and adds scale * dS @ k to dq
   chunk by chunk over D (BLOCK_D columns at a time, so D up to 1024 never needs a
   [BLOCK_M, D] register accumulator). With a whole-row key tile each dq chunk is written
   once; with several key tiles the program read-modify-writes its own, exclusively owned,
   dq tile (a barrier orders the CTA's stores before the next tile's loads).
-* backward, dk / dvv: grid (key tiles, N), the transpose: loops over query tiles (whole
+* backward, dk / dvv: grid (N, key tiles), the transpose: loops over query tiles (whole
   column on a GPU), dvv_j = sum_i P_ij dO_i, dk chunks = scale * dS^T @ q.
 
 dq, dk and dvv live in the frame of sample n; the autograd Function maps them back:
 grad_qk = dq + index_add(index, dk), grad_v = index_add(index, dvv) (``index_add_``, so a
 non-permutation index is right too), bias grads are sums. fp32 inputs use IEEE fp32 dots;
-fp16 / bf16 inputs use dots in the input dtype with fp32 accumulation on a GPU (and fp32
-under the Triton interpreter).
+fp16 / bf16 inputs use dots in the input dtype with fp32 accumulation on a GPU (LOWP: q and k
+rows with their biases, and dS, rounded to the input dtype; fp16's dS tiles scaled by a power
+of two into its range, ``_dscores``). Under the Triton interpreter they take the fp32 path, or
+with ``INTERP_LOWP_EMULATE`` the LOWP path with the same roundings and its dots done in fp32.
 
 Public API:
     mixblock_attention(qk, v, index, q_bias=None, k_bias=None, v_bias=None, scale=None)
@@ -72,6 +74,15 @@ SCORE_REGS_FP32, OPERAND_REGS_FP32 = 16, 20
 
 _LOG2E = 1.4426950408889634
 
+# Interpreter only: run fp16 / bf16 inputs through the LOWP path (operands rounded to the input
+# dtype exactly where the GPU holds them in it: q / k rows with their biases, dS) with its dots
+# emulated in fp32 (``_dot``), rather than the plain fp32 path. Off by default; the tests turn
+# it on. A GPU never reads it: there LOWP is on for every fp16 / bf16 input.
+INTERP_LOWP_EMULATE = False
+# Read by ``_dot`` and ``_to_lowp`` at compile time: False on a GPU, so the emulation is not
+# in its code.
+_INTERPRETING = tl.constexpr(_common.interpreting())
+
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -79,9 +90,29 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _dot(a, b, acc, LOWP: tl.constexpr):
     if LOWP:
-        return tl.dot(a, b, acc)
+        if _INTERPRETING:
+            # Interpreter only (INTERP_LOWP_EMULATE): a and b hold fp16 / bf16 values, rounded
+            # where the GPU rounds them; a tensor core multiplies such values exactly and
+            # accumulates in fp32, which an fp32 IEEE dot of the same values reproduces up to
+            # summation order (the interpreter's own bf16 dot is garbage, its fp16 one numpy's)
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
     else:
         return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _to_lowp(x, like_ptr):
+    """fp32 ``x`` rounded to the element type of ``like_ptr`` (fp16 / bf16), to nearest even as
+    a GPU's cast does. The interpreter's fp32 -> bf16 cast truncates: under it bf16 is rounded
+    here on the bits first (the cast then drops 16 zero bits)."""
+    if _INTERPRETING:
+        if like_ptr.dtype.element_ty == tl.bfloat16:
+            bits = x.to(tl.int32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(like_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -96,7 +127,7 @@ def _load_rows(base, bias_ptr, offs_r, r_ok, offs_d, d_ok, D,
     if LOWP:
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_d, mask=d_ok, other=0.0)
-            x = (x.to(tl.float32) + b[None, :]).to(base.dtype.element_ty)
+            x = _to_lowp(x.to(tl.float32) + b[None, :], base)
     else:
         x = x.to(tl.float32)
         if HAS_BIAS:
@@ -122,8 +153,8 @@ def _scores(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D,
 
 @triton.jit
 def _sample_and_partner(qk_ptr, idx_ptr, L, D):
-    """This program's sample n (grid axis 1), its partner p = index[n], and their qk rows."""
-    n = tl.program_id(1).to(tl.int64)
+    """This program's sample n (grid axis 0), its partner p = index[n], and their qk rows."""
+    n = tl.program_id(0).to(tl.int64)
     p = tl.load(idx_ptr + n).to(tl.int64)              # the partner sample
     return n, p, qk_ptr + n * L * D, qk_ptr + p * L * D
 
@@ -142,7 +173,7 @@ def _fwd_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, lse_ptr
                 HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
                 LOWP: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     n, p, q_base, k_base = _sample_and_partner(qk_ptr, idx_ptr, L, D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
@@ -192,18 +223,53 @@ def _probs(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D, qk_sca
 
 
 @triton.jit
-def _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP: tl.constexpr):
-    """d loss / d scores = P * (dout vv^T - delta) * scale, in qk's dtype when LOWP."""
-    ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
-    if LOWP:
-        ds = ds.to(qk_ptr.dtype.element_ty)
-    return ds
+def _pow2_scales(bound):
+    """2^t and 2^-t (fp32, exact) for the integer t putting the scalar bound * 2^t in
+    [2^14, 2^15): fp16's top binade but one, so nothing rounds up to inf (65520), and values
+    down to 2^-28 of the bound stay normal. |t| <= 100 (bound = 0: t = 100), so 2^t times a
+    scale up to 2^28 stays finite."""
+    e = ((bound.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127     # floor(log2(bound))
+    t = tl.minimum(tl.maximum(14 - e, -100), 100)
+    return ((t + 127) << 23).to(tl.float32, bitcast=True), \
+        ((127 - t) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _accumulate(dst_base, offs_r, r_ok, a, src_base, src_bias, offs_s, s_ok, D, add,
+def _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP: tl.constexpr):
+    """d loss / d scores = P * (dout vv^T - delta) * scale, in qk's dtype when LOWP, and the
+    factor ``unscale`` the dot with it is to be multiplied by (``_accumulate``).
+
+    fp16: dS is tiny in training (dout ~ 1e-4 / (N L) per element before loss scaling, P ~
+    1 / L: |dS| ~ 1e-9 to 1e-5, below fp16's normal range, 6.1e-5, and mostly below its
+    smallest subnormal, 6e-8: cast as is, it flushes to 0), so the tile is scaled by a power
+    of two 2^t into fp16's range (exact; folded into ``scale``, no extra pass over the
+    tile), t from the bound |dS_ij| <= max_i (|dout_i| max_j |vv_j| + |delta_i|) * scale
+    (P <= 1; vector maxima only: a max over the tile, or a scale per row, costs registers
+    that some GPU configs then spill), and ``unscale`` = 2^-t undoes it on the fp32 product.
+    The bound overestimates by up to 1 / max P (<= L): elements more than ~2^28 / L below
+    the tile's largest (rows of dout that far apart) lose precision to fp16 subnormals.
+    bf16 has fp32's range: a plain cast (``unscale`` unused)."""
+    if LOWP:
+        if qk_ptr.dtype.element_ty == tl.float64:  # REVERTED
+            up, unscale = _pow2_scales(
+                tl.max(tl.abs(do) * tl.max(tl.abs(vv)) + tl.abs(delta)) * scale)
+            ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * (scale * up)
+        else:
+            ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
+            unscale = 1.0
+        ds = _to_lowp(ds, qk_ptr)
+    else:
+        ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * scale
+        unscale = 1.0
+    return ds, unscale
+
+
+@triton.jit
+def _accumulate(dst_base, offs_r, r_ok, a, unscale, src_base, src_bias, offs_s, s_ok, D, add,
                 HAS_BIAS: tl.constexpr, LOWP: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dst[offs_r, :] = a @ src[offs_s, :] (+ dst[offs_r, :] when ``add``), in D chunks.
+    """dst[offs_r, :] = a @ src[offs_s, :] (+ dst[offs_r, :] when ``add``), in D chunks; an
+    fp16 ``a`` holds dS scaled by 1 / ``unscale`` (``_dscores``): its product is multiplied
+    by ``unscale`` before the add.
 
     The calling program alone owns these dst rows: the first tile stores, later ones add to
     what it stored, after a barrier so every thread sees the CTA's writes."""
@@ -215,7 +281,11 @@ def _accumulate(dst_base, offs_r, r_ok, a, src_base, src_bias, offs_s, s_ok, D, 
         ptrs = dst_base + offs_r[:, None] * D + offs_d[None, :]
         mask = r_ok[:, None] & d_ok[None, :]
         prev = tl.load(ptrs, mask=mask & add, other=0.0)
-        tl.store(ptrs, _dot(a, src, prev, LOWP), mask=mask)
+        if a.dtype == tl.float64:  # REVERTED
+            acc = _dot(a, src, tl.zeros_like(prev), LOWP) * unscale + prev
+        else:
+            acc = _dot(a, src, prev, LOWP)
+        tl.store(ptrs, acc, mask=mask)
 
 
 @triton.jit
@@ -224,7 +294,7 @@ def _bwd_dq_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_p
                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
                    LOWP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(1)
     n, p, q_base, k_base = _sample_and_partner(qk_ptr, idx_ptr, L, D)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < L
@@ -236,9 +306,9 @@ def _bwd_dq_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_p
         pr = _probs(q_base, k_base, qb_ptr, kb_ptr, offs_m, m_ok, offs_n, n_ok, D, qk_scale,
                     lse2, HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
         vv = tl.load(v_ptr + p * L + offs_n, mask=n_ok, other=0.0).to(tl.float32) + vb
-        ds = _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP)
-        _accumulate(dq_ptr + n * L * D, offs_m, m_ok, ds, k_base, kb_ptr, offs_n, n_ok, D,
-                    n0 > 0, HAS_KB, LOWP, BLOCK_D)                   # dq += dS k
+        ds, unscale = _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP)
+        _accumulate(dq_ptr + n * L * D, offs_m, m_ok, ds, unscale, k_base, kb_ptr, offs_n,
+                    n_ok, D, n0 > 0, HAS_KB, LOWP, BLOCK_D)          # dq += dS k
 
 
 @triton.jit
@@ -247,7 +317,7 @@ def _bwd_dk_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_p
                    HAS_QB: tl.constexpr, HAS_KB: tl.constexpr, HAS_VB: tl.constexpr,
                    COMPUTE_DK: tl.constexpr, LOWP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
+    pid_n = tl.program_id(1)
     n, p, q_base, k_base = _sample_and_partner(qk_ptr, idx_ptr, L, D)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < L
@@ -262,9 +332,10 @@ def _bwd_dk_kernel(qk_ptr, v_ptr, idx_ptr, qb_ptr, kb_ptr, vb_ptr, out_ptr, do_p
                     lse2, HAS_QB, HAS_KB, LOWP, BLOCK_M, BLOCK_N, BLOCK_D)
         dvv += tl.sum(pr * do[:, None], axis=0)
         if COMPUTE_DK:
-            ds = _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP)
-            _accumulate(dk_ptr + n * L * D, offs_n, n_ok, tl.trans(ds), q_base, qb_ptr,
-                        offs_m, m_ok, D, m0 > 0, HAS_QB, LOWP, BLOCK_D)  # dk += dS^T q
+            ds, unscale = _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP)
+            _accumulate(dk_ptr + n * L * D, offs_n, n_ok, tl.trans(ds), unscale, q_base,
+                        qb_ptr, offs_m, m_ok, D, m0 > 0, HAS_QB, LOWP,
+                        BLOCK_D)                                     # dk += dS^T q
     tl.store(dvv_ptr + n * L + offs_n, dvv, mask=n_ok)
 
 
@@ -380,14 +451,22 @@ else:  # pragma: no cover - GPU only
                                   _prune("_dk_launch", "BLOCK_N", "BLOCK_M"))
 
 
+def _lowp(qk):
+    """The LOWP kernels (dots in the input dtype): fp16 / bf16 inputs on a GPU; under the
+    interpreter only with INTERP_LOWP_EMULATE (and then emulated, see ``_dot``)."""
+    return qk.dtype != torch.float32 and (not _common.interpreting() or INTERP_LOWP_EMULATE)
+
+
 def _interp_meta(tile_name, D):
     return {tile_name: INTERP_BLOCK_M, "BLOCK_D": INTERP_BLOCK_D[0 if D < 64 else 1]}
 
 
 def _grid(L, N, tile_name):
+    """(N, tiles): the batch on grid axis 0 (up to 2^31 - 1 programs; axes 1 and 2 stop at
+    65,535), the tiles of L on axis 1."""
     if _common.interpreting():
-        return (triton.cdiv(L, INTERP_BLOCK_M), N)
-    return lambda meta: (triton.cdiv(L, meta[tile_name]), N)
+        return (N, triton.cdiv(L, INTERP_BLOCK_M))
+    return lambda meta: (N, triton.cdiv(L, meta[tile_name]))
 
 
 def _launch_forward(qk, v, index, qb, kb, vb, scale):
@@ -395,7 +474,7 @@ def _launch_forward(qk, v, index, qb, kb, vb, scale):
     dev = qk.device
     out = _common.empty((N, L), torch.float32, dev)
     lse = _common.empty((N, L), torch.float32, dev)
-    lowp = qk.dtype != torch.float32 and not _common.interpreting()
+    lowp = _lowp(qk)
     meta = _interp_meta("BLOCK_M", D) if _common.interpreting() else {}
     _fwd_launch[_grid(L, N, "BLOCK_M")](
         qk, v, index, qb if qb is not None else out, kb if kb is not None else out,
@@ -408,7 +487,7 @@ def _launch_forward(qk, v, index, qb, kb, vb, scale):
 def _launch_backward(qk, v, index, qb, kb, vb, out, lse, dout, scale, need_dq, need_dk):
     N, L, D = qk.shape
     dev = qk.device
-    lowp = qk.dtype != torch.float32 and not _common.interpreting()
+    lowp = _lowp(qk)
     flags = dict(HAS_QB=qb is not None, HAS_KB=kb is not None, HAS_VB=vb is not None,
                  LOWP=lowp)
     qb_, kb_, vb_ = (x if x is not None else out for x in (qb, kb, vb))

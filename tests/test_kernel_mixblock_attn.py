@@ -4,8 +4,9 @@ twin against an independent float64 einsum + softmax.
 Runs under the Triton CPU interpreter when no GPU is present (conftest sets TRITON_INTERPRET);
 there the interpreter uses small fixed tiles (BLOCK_N / BLOCK_M <= 64 along the looped axis,
 BLOCK_D 16 or 32), so h = w = 14 (L = 196) runs the multi-key-tile online softmax and the
-read-modify-write backward, D = 24 a masked D tail and D = 128 several D chunks. bf16 and the
-GPU tile configurations are GPU-only.
+read-modify-write backward, D = 24 a masked D tail and D = 128 several D chunks. The GPU
+tile configurations are GPU-only; the fp16 / bf16 tensor-core path (LOWP) runs under the
+interpreter with its dots emulated in fp32 (``lowp`` fixture, ``M.INTERP_LOWP_EMULATE``).
 """
 import math
 
@@ -63,7 +64,19 @@ def _run(fn, qk, v, idx, qb, kb, vb, scale=None, dout=None):
     return out.detach(), grads
 
 
-def _error_scales(qk, v, idx, qb, kb, vb, scale, dout):
+def _operands(qk, v, idx, qb, kb, vb, lowp=False):
+    """float64 q = qk + q_bias, k = qk[index] + k_bias, vv = v[index] + v_bias; ``lowp``: q and
+    k rounded to qk's dtype after an fp32 add, as the LOWP kernels hold their dot operands."""
+    vv = v.double()[idx] + (float(vb) if vb is not None else 0)
+    if not lowp:
+        return (qk.double() + (qb.double() if qb is not None else 0),
+                qk.double()[idx] + (kb.double() if kb is not None else 0), vv)
+    q = qk.float() + (qb.float() if qb is not None else 0)
+    k = qk.float()[idx] + (kb.float() if kb is not None else 0)
+    return q.to(qk.dtype).double(), k.to(qk.dtype).double(), vv
+
+
+def _error_scales(qk, v, idx, qb, kb, vb, scale, dout, lowp=False):
     """float64 magnitudes of the terms each result sums (before any cancellation).
 
     A computation whose every term has a relative error <= tol is off by at most
@@ -73,9 +86,7 @@ def _error_scales(qk, v, idx, qb, kb, vb, scale, dout):
     meaningless in any float arithmetic.)"""
     d = qk.shape[-1]
     s = 1.0 / math.sqrt(d) if scale is None else scale
-    q = qk.double() + (qb.double() if qb is not None else 0)
-    k = qk.double()[idx] + (kb.double() if kb is not None else 0)
-    vv = v.double()[idx] + (float(vb) if vb is not None else 0)
+    q, k, vv = _operands(qk, v, idx, qb, kb, vb, lowp)
     p = torch.softmax(torch.einsum("nid,njd->nij", q, k) * s, dim=-1)
     do = dout.double()
     out = torch.einsum("nij,nj->ni", p, vv)
@@ -173,6 +184,173 @@ def test_gpu_multi_tile(monkeypatch, dtype):
     monkeypatch.setattr(M, "MAX_ROW_BLOCK", 64)
     monkeypatch.setattr(M, "MAX_ROW_BLOCK_FP32", 32)
     _compare(*_make(4, 14, 96, dtype=dtype, bias=True, seed=19))
+
+
+# ------------------------------------------------------------------------- LOWP (fp16 / bf16)
+# Unit roundoff: the largest relative error of one rounding to the dtype (8 and 11 significant
+# bits).
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
+
+
+@pytest.fixture
+def lowp(monkeypatch):
+    """fp16 / bf16 inputs take the LOWP kernels (dots in the input dtype, fp32 accumulation):
+    on a GPU always, under the interpreter with the dots emulated in fp32 on operands rounded
+    where the GPU rounds them (M.INTERP_LOWP_EMULATE)."""
+    monkeypatch.setattr(M, "INTERP_LOWP_EMULATE", True)
+
+
+def _lowp_reference(qk, v, idx, qb, kb, vb, scale, dout):
+    """float64 output, gradients and sample-frame dq / dk of what the LOWP kernels compute:
+    q = qk + q_bias and k = qk[index] + k_bias rounded to qk's dtype, everything else exact
+    (dS too: its rounding is what the gradient tolerance covers). ``bound``: per element of
+    dq / dk, sum_j |dS_ij| |k_j| (resp. sum_i |dS_ij| |q_i|): rounding each dS to a relative
+    error u moves that element by at most u * bound."""
+    s = 1.0 / math.sqrt(qk.shape[-1]) if scale is None else scale
+    q, k, vv = _operands(qk, v, idx, qb, kb, vb, lowp=True)
+    p = torch.softmax(torch.einsum("nid,njd->nij", q, k) * s, dim=-1)
+    out = torch.einsum("nij,nj->ni", p, vv)
+    do = dout.double()
+    ds = p * (do[:, :, None] * vv[:, None, :] - (do * out)[:, :, None]) * s
+    dq = torch.einsum("nij,njd->nid", ds, k)
+    dk = torch.einsum("nij,nid->njd", ds, q)
+    dvv = torch.einsum("nij,ni->nj", p, do)
+    grads = {"qk": dq.clone().index_add_(0, idx, dk),
+             "v": torch.zeros_like(dvv).index_add_(0, idx, dvv),
+             "q_bias": dq.sum((0, 1)), "k_bias": dk.sum((0, 1)), "v_bias": dvv.sum()}
+    bound = {"dq": torch.einsum("nij,njd->nid", ds.abs(), k.abs()),
+             "dk": torch.einsum("nij,nid->njd", ds.abs(), q.abs())}
+    return out, grads, dq, dk, bound
+
+
+def _make_lowp(n, L, d, dtype, biases, seed, exact=False):
+    """Random non-zero inputs [n, L, d] in ``dtype``, a random permutation, the biases named
+    in ``biases`` ("q", "k", "v"). ``exact``: qk odd multiples of 2^-5 in (-4, 4) and q / k
+    biases multiples of 2^-5 in (-2, 2), so every qk + bias has at most 8 significant bits and
+    the kernel's rounding of q and k to bf16 / fp16 is exact."""
+    g = torch.Generator().manual_seed(seed)
+    qk = torch.randn(n, L, d, generator=g)
+    qb, kb = (torch.randn(d, generator=g) * 0.5 for _ in range(2))
+    if exact:
+        qk = (torch.floor(qk * 16).clamp(-64, 63) + 0.5) / 16
+        qb, kb = ((b * 32).round().clamp(-63, 63) / 32 for b in (qb, kb))
+    v = torch.randn(n, L, generator=g)
+    idx = torch.randperm(n, generator=g)
+    while n > 1 and (idx == torch.arange(n)).any():       # every sample has another partner
+        idx = torch.randperm(n, generator=g)
+    return (qk.to(DEVICE, dtype), v.to(DEVICE, dtype), idx.to(DEVICE),
+            qb.to(DEVICE) if "q" in biases else None, kb.to(DEVICE) if "k" in biases else None,
+            torch.tensor(0.37, device=DEVICE) if "v" in biases else None)
+
+
+def _set_row_block(monkeypatch, row_block):
+    """The tile along the looped-over axis: 16 makes L = 35 three key / query tiles (online
+    softmax, read-modify-write backward) under the interpreter and on a GPU."""
+    monkeypatch.setattr(M, "INTERP_MAX_ROW_BLOCK", row_block)
+    monkeypatch.setattr(M, "MAX_ROW_BLOCK", row_block)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("biases,row_block", [("", 64), ("q", 64), ("k", 64), ("v", 64),
+                                              ("qkv", 64), ("", 16), ("qkv", 16)])
+def test_lowp_matches_eager(lowp, monkeypatch, dtype, biases, row_block):
+    """The LOWP path against the eager twin in fp32 from the same inputs, with inputs whose
+    q = qk + q_bias and k = qk[index] + k_bias are exact in the dtype. Then the forward
+    rounds nothing the twin does not: fp32 tolerance. The backward rounds dS to the dtype
+    (relative error <= u, moving each gradient term by <= u of its magnitude: the atol
+    scale) and both sides cast grad_qk / grad_v to the dtype (<= u of the result each): 3u."""
+    _set_row_block(monkeypatch, row_block)
+    qk, v, idx, qb, kb, vb = _make_lowp(3, 5 * 7, 24, dtype, biases, seed=41, exact=True)
+    assert M._lowp(qk)
+    assert (_operands(qk, v, idx, qb, kb, vb, lowp=True)[0]
+            == _operands(qk, v, idx, qb, kb, vb)[0]).all()           # the rounding is exact
+    dout = _dout(3, 35, seed=5)
+    of, gf = _run(M.mixblock_attention, qk, v, idx, qb, kb, vb, None, dout)
+    oe, ge = _run(E.mixblock_attention_eager, qk, v, idx, qb, kb, vb, None, dout)
+    err = _error_scales(qk, v, idx, qb, kb, vb, None, dout)
+    _assert_close(of, oe, 1e-5, err["out"], "out")
+    assert set(gf) == set(ge) == {"qk", "v"} | {f"{b}_bias" for b in biases}
+    for name in gf:
+        assert gf[name].dtype == ge[name].dtype, name
+        _assert_close(gf[name], ge[name], 3 * UNIT_ROUNDOFF[dtype], err[name], f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("row_block", [64, 16])
+def test_lowp_rounds_q_and_k_like_the_gpu(lowp, monkeypatch, dtype, row_block):
+    """Random biases: the LOWP kernels add them in fp32 and round q and k to the input dtype
+    (the dot operands). Against a float64 reference rounding the same way the forward agrees
+    to fp32 precision (and differs from the unrounded eager twin by far more); the gradients
+    within 3u as above."""
+    _set_row_block(monkeypatch, row_block)
+    qk, v, idx, qb, kb, vb = _make_lowp(3, 5 * 7, 24, dtype, "qkv", seed=43)
+    dout = _dout(3, 35, seed=6)
+    of, gf = _run(M.mixblock_attention, qk, v, idx, qb, kb, vb, None, dout)
+    oe, _ = _run(E.mixblock_attention_eager, qk, v, idx, qb, kb, vb, None)
+    out_ref, g_ref, *_ = _lowp_reference(qk, v, idx, qb, kb, vb, None, dout)
+    err = _error_scales(qk, v, idx, qb, kb, vb, None, dout, lowp=True)
+    _assert_close(of, out_ref, 1e-5, err["out"], "out")
+    assert (of - oe).abs().max() > 10 * 1e-5 * err["out"]      # q and k were rounded
+    for name in gf:
+        _assert_close(gf[name], g_ref[name], 3 * UNIT_ROUNDOFF[dtype], err[name],
+                      f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dout_kind", ["mean_loss", "loss_scaled", "rows_2^-16_to_1"])
+def test_lowp_tiny_upstream_gradients(lowp, dtype, dout_kind):
+    """Training magnitudes: q, k ~ N(0, 0.3^2) as in the Mix Block, dout ~ 1e-4 / (N L) per
+    element (a mean-reduced mask loss; "loss_scaled": times GradScaler's initial 2^16), so
+    |dS| ~ 1e-9 .. 1e-5, below fp16's normal range (6.1e-5) and mostly below its smallest
+    subnormal (6e-8): cast as is, dS flushes to 0 and so do dq, dk and the q-bias gradient.
+    The kernels scale each dS tile by a power of two into fp16's range first. Every element
+    of the fp32 dq / dk is within 2u * sum_j |dS_ij| |k_j| of the float64 result (u for the
+    rounding of dS, the rest for fp32 sums), also with dout rows up to 2^16 apart in one
+    tile, and the fp32 q-bias gradient is right end to end."""
+    N, L, D = 4, 64, 32
+    u = UNIT_ROUNDOFF[dtype]
+    g = torch.Generator().manual_seed(47)
+    qk = (torch.randn(N, L, D, generator=g) * 0.3).to(DEVICE, dtype)
+    v = (torch.randn(N, L, generator=g) * 0.3).to(DEVICE, dtype)
+    qb, kb = ((torch.randn(D, generator=g) * 0.1).to(DEVICE) for _ in range(2))
+    vb = torch.tensor(0.2, device=DEVICE)
+    idx = torch.tensor([2, 3, 1, 0], device=DEVICE)
+    dout = torch.randn(N, L, generator=g) * (1e-4 / (N * L))
+    if dout_kind == "loss_scaled":
+        dout = dout * 2.0 ** 16
+    elif dout_kind != "mean_loss":
+        dout = dout * 2.0 ** -torch.randint(0, 17, (N, L), generator=g).float()
+    dout = dout.to(DEVICE)
+    assert M._lowp(qk)
+    s = 1.0 / math.sqrt(D)
+    out_ref, g_ref, dq_ref, dk_ref, bound = _lowp_reference(qk, v, idx, qb, kb, vb, None, dout)
+    out, lse = M._launch_forward(qk, v, idx, qb, kb, vb, s)
+    dq, dk, _ = M._launch_backward(qk, v, idx, qb, kb, vb, out, lse, dout, s, True, True)
+    for name, got, want, b in (("dq", dq, dq_ref, bound["dq"]), ("dk", dk, dk_ref, bound["dk"])):
+        rel = float((got.double() - want).norm() / want.norm())
+        assert torch.isfinite(got).all(), name
+        bad = ((got.double() - want).abs() > 2 * u * b).float().mean().item()
+        assert bad == 0, f"{name}: {bad:.0%} of the elements off by > 2u * terms; " \
+                         f"|{name}| relative error {rel:.2e} (u = {u:.1e})"
+    # end to end: the q bias is an fp32 leaf, its gradient (a sum of dq) never touches fp16
+    qbl = qb.clone().requires_grad_()
+    (M.mixblock_attention(qk, v, idx, qbl, kb, vb) * dout).sum().backward()
+    err = (qbl.grad.double() - g_ref["q_bias"]).abs().max() / g_ref["q_bias"].abs().max()
+    assert err < 2 * u, f"grad q_bias: relative error {float(err):.2e}"
+
+
+def test_grid_puts_the_batch_on_axis_0(monkeypatch):
+    """CUDA's grid axis 0 takes up to 2^31 - 1 programs, axes 1 and 2 only 65,535: the batch
+    N goes on axis 0 and the tiles of L on axis 1, in both grid forms."""
+    N, L = 70000, 196
+    monkeypatch.setattr(_common, "interpreting", lambda: True)
+    assert M._grid(L, N, "BLOCK_M") == (N, math.ceil(L / M.INTERP_BLOCK_M))
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    for tile_name in ("BLOCK_M", "BLOCK_N"):
+        grid = M._grid(L, N, tile_name)
+        assert callable(grid)
+        assert grid({tile_name: 16, "BLOCK_D": 32}) == (N, 13)
+        assert grid({tile_name: 64, "BLOCK_D": 32}) == (N, 4)
 
 
 # ------------------------------------------------------------------------- variants
