@@ -250,7 +250,7 @@ def _dscores(pr, do, vv, delta, scale, qk_ptr, LOWP: tl.constexpr):
     the tile's largest (rows of dout that far apart) lose precision to fp16 subnormals.
     bf16 has fp32's range: a plain cast (``unscale`` unused)."""
     if LOWP:
-        if qk_ptr.dtype.element_ty == tl.float64:  # REVERTED
+        if qk_ptr.dtype.element_ty == tl.float16:
             up, unscale = _pow2_scales(
                 tl.max(tl.abs(do) * tl.max(tl.abs(vv)) + tl.abs(delta)) * scale)
             ds = pr * (do[:, None] * vv[None, :] - delta[:, None]) * (scale * up)
@@ -281,7 +281,7 @@ def _accumulate(dst_base, offs_r, r_ok, a, unscale, src_base, src_bias, offs_s, 
         ptrs = dst_base + offs_r[:, None] * D + offs_d[None, :]
         mask = r_ok[:, None] & d_ok[None, :]
         prev = tl.load(ptrs, mask=mask & add, other=0.0)
-        if a.dtype == tl.float64:  # REVERTED
+        if a.dtype == tl.float16:
             acc = _dot(a, src, tl.zeros_like(prev), LOWP) * unscale + prev
         else:
             acc = _dot(a, src, prev, LOWP)
