@@ -411,7 +411,7 @@ def test_killed_checkpoint_write_leaves_no_temporary_behind(tmp_path):
     (["--lr", "nan"], "--lr must be a finite number"),
     (["--weight-decay", "inf"], "--weight-decay must be a finite number"),
     (["--momentum", "1.5"], "--momentum must lie in [0, 1)"),
-    (["--method", "mixup", "--export-head", "one_q"], "single head"),
+    (["--method", "mixup", "--export-head", "one_q"], "is not a head of this run"),
     (["--export", "/nonexistent-folder/x.pt"], "does not exist"),
 ])
 def test_more_bad_command_lines_exit_2_before_work(argv, needle, tmp_path):
