@@ -17,7 +17,7 @@ TRITON_SPEC ?= triton==3.8.0
 TRAIN_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: train test setup data bench bench-data bench-counts study gpu-aot selfcheck clean
+.PHONY: train test setup data bench bench-data bench-counts study study-mismatch gpu-aot selfcheck clean
 
 $(VENV)/.installed: setup.py Makefile
 	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
@@ -47,9 +47,15 @@ test: setup data
 
 # The accuracy study (bench/accuracy.py): AutoMix, Mixup, CutMix, vanilla x 3 seeds on the CPU
 # protocol; resumable (rerun to continue); writes runs/study/{results.json,results.md,*.png}.
+# study: the same-encoder grid (every method with an EMA head; docs/study/PROTOCOL.md).
+# study-mismatch: off-centre objects (docs/study-mismatch/PROTOCOL.md), then its mask diagnostics.
 STUDY_ARGS ?=
 study: setup data
-	$(PY) bench/accuracy.py $(STUDY_ARGS)
+	$(PY) bench/accuracy.py --ema --out runs/study $(STUDY_ARGS)
+
+study-mismatch: setup data
+	$(PY) bench/accuracy.py --dataset fashion-mnist-offcentre --ema --epochs 100 \
+	    --methods vanilla,mixup,cutmix,saliencymix,puzzlemix,automix --out runs/study-mismatch $(STUDY_ARGS)
 
 bench: setup
 	$(PY) bench/kernels.py

@@ -25,11 +25,27 @@ top-1 over the last 10 epochs. Without a validation split it is the model's infe
 (``one_k`` for AutoMix, the only head for the baselines). The test split is read only for the
 numbers reported. (The authors' own summary script picks the best of the four heads on the test
 split; that number, ``best_test_head``, is shown separately and labelled as such.)
+
+``--ema`` gives every method but AutoMix an EMA copy of its network on AutoMix's schedule
+(``train.py --ema``), and the tables set each method's online head beside its EMA head (for
+AutoMix: the online encoder's heads one_q/mix_q beside the momentum encoder's one_k/mix_k, each
+pair chosen on the validation split).
+
+``results.json`` records the commit, the command, the package versions and the machine that
+made it, and no absolute path: run folders are relative to it. ``OUT/runs/<method>-seed<k>.json``
+holds each run's summary and per-epoch metrics. ``--check-against OLD/results.json`` compares
+every run's numbers with a committed grid's and fails on any difference (regeneration).
+
+The children run in their own process group and get SIGTERM if the driver dies, even by
+``kill -9`` (``PR_SET_PDEATHSIG``): the run checkpoints and stops, and the next grid resumes it.
 """
 import argparse
+import ctypes
 import json
-import math
 import os
+import platform
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +93,14 @@ def parse_args(argv=None):
     p.add_argument("--train-args", default="", help="further train.py flags for every run, one string")
     p.add_argument("--alpha", default="", help="per-method Beta(α, α), e.g. 'cutmix=1,mixup=1' "
                    "(the spec's Tiny-ImageNet values); default: each method's CIFAR α")
+    p.add_argument("--dataset", help="train.py --dataset for every run (default: the preset's), "
+                   "e.g. fashion-mnist-offcentre")
+    p.add_argument("--ema", action="store_true", help="give every method but AutoMix an EMA head "
+                   "on AutoMix's schedule (train.py --ema)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads per run "
+                   "(OMP_NUM_THREADS; 0: torch's default)")
+    p.add_argument("--check-against", help="a committed results.json: fail unless every run of "
+                   "this grid has the same numbers")
     p.add_argument("--aggregate-only", action="store_true", help="only aggregate the runs present")
     p.add_argument("--no-masks", action="store_true", help="skip automix_masks.png")
     args = p.parse_args(argv)
@@ -96,6 +120,17 @@ def parse_args(argv=None):
         p.error(f"--methods from {', '.join(METHOD_ARGS)} and at least one seed (got {bad or 'none'})")
     if args.epochs <= 0 or args.eval_every <= 0 or args.train_subset < 0 or args.val_split < 0:
         p.error("--epochs and --eval-every must be positive, --train-subset and --val-split >= 0")
+    if args.threads < 0:
+        p.error(f"--threads must be >= 0, got {args.threads}")
+    from fastmix.config import PRESETS
+    from fastmix.data import DATASETS
+    if args.preset not in PRESETS:
+        p.error(f"--preset {args.preset!r} is unknown; choose from {', '.join(PRESETS)}")
+    if args.dataset and args.dataset not in DATASETS + ("imagefolder",):
+        p.error(f"--dataset {args.dataset!r} is unknown; choose from "
+                f"{', '.join(DATASETS + ('imagefolder',))}")
+    if args.check_against and not os.path.isfile(args.check_against):
+        p.error(f"--check-against: no file {args.check_against}")
     return args
 
 
@@ -108,8 +143,58 @@ def run_argv(args, method, seed, out):
         argv += ["--train-subset", str(args.train_subset)]
     if args.data_dir:
         argv += ["--data-dir", args.data_dir]
+    if args.dataset:
+        argv += ["--dataset", args.dataset]
+    if args.ema and method != "automix":
+        argv += ["--ema"]
     alpha = ["--alpha", str(args.alpha[method])] if method in args.alpha else []
     return argv + METHOD_ARGS[method] + alpha + args.train_args.split()
+
+
+def _write_json(path, obj, **kw):
+    """Atomic: a temporary file in the same folder, fsynced, renamed over ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, **kw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _die_with_parent():
+    """In the child, before exec: SIGTERM when the driver dies (Linux PR_SET_PDEATHSIG = 1)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):   # not Linux: the process group alone
+        pass
+
+
+def run_child(cmd, **kw):
+    """Run ``cmd`` in its own process group that dies with this driver: a SIGTERM or SIGINT to
+    the driver is passed to the group (the run checkpoints and stops), and ``kill -9`` of the
+    driver reaches the child through PR_SET_PDEATHSIG. Returns the exit status."""
+    proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kw)
+
+    def forward(signum, frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise SystemExit(f"[study] stopped by signal {signum}; rerun the same command to resume")
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def run_one(args, method, seed):
@@ -127,14 +212,19 @@ def run_one(args, method, seed):
             print(f"[study] {method} seed {seed}: done, skipped", flush=True)
             return out
     os.makedirs(out, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump({"argv": argv}, f)
+    _write_json(marker, {"argv": argv})
     resume = ["--resume"] if os.path.exists(os.path.join(out, "last.pt")) else []
     print(f"[study] {method} seed {seed}: {'resuming' if resume else 'starting'}", flush=True)
     t = time.perf_counter()
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    load = os.getloadavg()[0]
     with open(os.path.join(out, "train.log"), "a") as log:
-        rc = subprocess.call([sys.executable, os.path.join(ROOT, "train.py")] + argv + resume,
-                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        rc = run_child([sys.executable, os.path.join(ROOT, "train.py")] + argv + resume,
+                       stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+    # the machine's load around the run: its timings are comparable only at equal load
+    _write_json(os.path.join(out, "study_load.json"),
+                {"loadavg_1min_start": load, "loadavg_1min_end": os.getloadavg()[0],
+                 "threads": args.threads or None})
     if rc != 0:
         raise SystemExit(f"error: {method} seed {seed} failed (exit {rc}); see {out}/train.log")
     print(f"[study] {method} seed {seed}: finished in {time.perf_counter() - t:.0f} s", flush=True)
@@ -169,7 +259,11 @@ def read_run(folder):
     for r in history:
         for k, v in r["losses"].items():
             losses.setdefault(k, []).append(v)
-    return {"folder": folder, "heads": heads, "final": final, "median": median,
+    groups = _online_ema_groups(heads)
+    pick = (lambda hs: max(hs, key=lambda h: val_median[h])) if val_median else (lambda hs: hs[0])
+    return {"heads": heads, "final": final, "median": median,
+            "online_head": pick(groups["online"]) if groups else None,
+            "ema_head": pick(groups["ema"]) if groups else None,
             "val_median": val_median, "reported_head": reported, "reported_rule": rule,
             "best_test_head": max(heads, key=lambda h: median[h]),
             "curve": {"epoch": [r["epoch"] for r in tested],
@@ -184,11 +278,71 @@ def read_run(folder):
             "config": summary["config"]}
 
 
-def aggregate(args, folders):
+def _online_ema_groups(heads):
+    """The online and the EMA heads of a run, or None where it has no EMA head."""
+    if "ema" in heads:
+        return {"online": ["cls"], "ema": ["ema"]}
+    if "one_k" in heads:
+        return {"online": [h for h in ("one_q", "mix_q") if h in heads],
+                "ema": [h for h in ("one_k", "mix_k") if h in heads]}
+    return None
+
+
+def _portable(config, folder):
+    """A run's config without the machine's paths: ``out`` as the run folder relative to the
+    results, ``data_dir`` as its last component."""
+    config = dict(config)
+    config["out"] = folder
+    if config.get("data_dir"):
+        config["data_dir"] = os.path.basename(os.path.normpath(config["data_dir"]))
+    return config
+
+
+def provenance(argv):
+    """The commit (and whether the tracked files differ from it), the command, the package
+    versions and the machine: what regenerating these numbers needs."""
+    def git(*a):
+        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "timm", "triton", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: recorded as such
+            versions[name] = None
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    import torch
+    return {"commit": git("rev-parse", "HEAD"),
+            "tracked_files_modified": sorted(l.split(maxsplit=1)[1] for l in dirty.splitlines())
+            if dirty else [],
+            "command": "python bench/accuracy.py " + shlex.join(argv),
+            "versions": versions,
+            "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+                        "torch_threads_default": torch.get_num_threads()}}
+
+
+def aggregate(args, folders, argv=()):
     """results.json + results.md from the runs in ``folders`` ({method: {seed: folder}})."""
     methods = {}
+    os.makedirs(os.path.join(args.out, "runs"), exist_ok=True)
     for method, runs in folders.items():
-        rs = {seed: read_run(f) for seed, f in runs.items()}
+        rs = {}
+        for seed, f in runs.items():
+            rs[seed] = r = read_run(f)
+            rel = os.path.relpath(f, args.out)
+            r["folder"] = rel
+            r["config"] = _portable(r["config"], rel)
+            load = os.path.join(f, "study_load.json")
+            if os.path.exists(load):
+                with open(load) as fh:
+                    r["load"] = json.load(fh)
+            with open(os.path.join(f, "metrics.jsonl")) as fh:
+                history = [json.loads(line) for line in fh if line.strip()]
+            with open(os.path.join(f, "summary.json")) as fh:
+                summary = json.load(fh)
+            summary["config"] = r["config"]
+            _write_json(os.path.join(args.out, "runs", f"{method}-seed{seed}.json"),
+                        {"summary": summary, "metrics": history}, indent=0)
         one = next(iter(rs.values()))
         entry = {"seeds": sorted(rs), "heads": one["heads"],
                  "reported_heads": {s: r["reported_head"] for s, r in rs.items()},
@@ -200,21 +354,60 @@ def aggregate(args, folders):
                               for h in one["heads"]},
                  "best_test_head_median_last10": mean_std(
                      r["median"][r["best_test_head"]] for r in rs.values()),
+                 "online_ema": None if one["online_head"] is None else {
+                     k: {"heads": {s: r[f"{k}_head"] for s, r in rs.items()},
+                         "final": mean_std(r["final"][r[f"{k}_head"]] for r in rs.values()),
+                         "median_last10": mean_std(r["median"][r[f"{k}_head"]]
+                                                   for r in rs.values())}
+                     for k in ("online", "ema")},
                  "images_per_s": mean_std(r["images_per_s"] for r in rs.values()),
                  "wall_time_s": mean_std(r["wall_time_s"] for r in rs.values()),
                  "last_epoch_losses": {k: mean_std(r["last_losses"][k] for r in rs.values())
                                        for k in one["last_losses"]},
                  "runs": rs}
         methods[method] = entry
-    protocol = {k: getattr(args, k) for k in ("preset", "epochs", "train_subset", "val_split",
-                                              "eval_every", "data_dir", "train_args", "alpha")}
-    protocol.update(window=WINDOW, method_args=METHOD_ARGS)
-    results = {"protocol": protocol, "methods": methods}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
+    protocol = {k: getattr(args, k) for k in ("preset", "dataset", "epochs", "train_subset",
+                                              "val_split", "eval_every", "train_args", "alpha",
+                                              "ema", "threads")}
+    protocol.update(window=WINDOW, method_args=METHOD_ARGS,
+                    data_dir=os.path.basename(os.path.normpath(args.data_dir)) if args.data_dir else None)
+    results = {"provenance": provenance(argv), "protocol": protocol, "methods": methods}
+    cost = relative_cost(methods)
+    if cost:
+        results["automix_cost"] = cost
+    _write_json(os.path.join(args.out, "results.json"), results, indent=1)
+    tmp = os.path.join(args.out, f"results.md.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
         f.write(markdown_table(results))
+    os.replace(tmp, os.path.join(args.out, "results.md"))
     return results
+
+
+def relative_cost(methods):
+    """AutoMix's wall time per run and training images/s against each baseline's, in the same
+    grid (means over seeds): the timings are comparable only where the runs saw the same load."""
+    if "automix" not in methods:
+        return None
+    a = methods["automix"]
+    return {m: {"wall_time_ratio": a["wall_time_s"]["mean"] / e["wall_time_s"]["mean"],
+                "images_per_s_ratio": e["images_per_s"]["mean"] / a["images_per_s"]["mean"]}
+            for m, e in methods.items() if m != "automix"}
+
+
+def check_against(results, path):
+    """The runs this grid shares with the committed ``path``: ``(same, differ)`` lists of
+    (method, seed) by their per-head final and median-of-last-10 test top-1."""
+    with open(path) as f:
+        old = json.load(f)
+    same, differ = [], []
+    for m, e in results["methods"].items():
+        for seed, r in e["runs"].items():
+            o = old.get("methods", {}).get(m, {}).get("runs", {}).get(str(seed))
+            if o is None:
+                continue
+            key = (m, seed)
+            (same if (o["final"], o["median"]) == (r["final"], r["median"]) else differ).append(key)
+    return same, differ
 
 
 def _pm(ms, digits=2):
@@ -223,7 +416,10 @@ def _pm(ms, digits=2):
 
 def markdown_table(results):
     p = results["protocol"]
-    lines = [f"Protocol: preset `{p['preset']}`, {p['epochs']} epochs, training subset "
+    lines = [f"Protocol: preset `{p['preset']}`"
+             f"{', dataset `' + p['dataset'] + '`' if p.get('dataset') else ''}"
+             f"{', every method but AutoMix with an EMA head (`--ema`)' if p.get('ema') else ''}"
+             f", {p['epochs']} epochs, training subset "
              f"{p['train_subset'] or 'all'}, validation split {p['val_split']}, test every "
              f"{p['eval_every']} epochs and each of the last {p['window']}; test top-1 (%), "
              f"mean ± std over seeds.", "",
@@ -234,13 +430,30 @@ def markdown_table(results):
         lines.append(f"| {m} | {len(e['seeds'])} | {', '.join(heads)} | {_pm(e['final'])} | "
                      f"{_pm(e['median_last10'])} | {e['images_per_s']['mean']:.0f} | "
                      f"{e['wall_time_s']['mean']:.0f} |")
+    pairs = {m: e["online_ema"] for m, e in results["methods"].items() if e.get("online_ema")}
+    if pairs:
+        lines += ["", "Online head beside EMA head (each chosen on the validation split; test "
+                  "top-1, mean ± std over seeds):", "",
+                  "| method | online head | online: median of last 10 | EMA head | EMA: median "
+                  "of last 10 | EMA − online |", "|---|---|---|---|---|---|"]
+        for m, oe in pairs.items():
+            on, em = oe["online"], oe["ema"]
+            lines.append(f"| {m} | {', '.join(sorted(set(on['heads'].values())))} | "
+                         f"{_pm(on['median_last10'])} | {', '.join(sorted(set(em['heads'].values())))} | "
+                         f"{_pm(em['median_last10'])} | "
+                         f"{em['median_last10']['mean'] - on['median_last10']['mean']:+.2f} |")
+    if results.get("automix_cost"):
+        lines += ["", "AutoMix's cost in this grid (means over seeds; wall time includes "
+                  "evaluation): " + ", ".join(
+                      f"{c['wall_time_ratio']:.2f}x {m}'s wall time ({c['images_per_s_ratio']:.2f}x "
+                      f"fewer training images/s)" for m, c in results["automix_cost"].items()) + "."]
     for m, e in results["methods"].items():
         if len(e["heads"]) > 1:
             lines += ["", f"{m}, every head (test top-1, mean ± std over seeds):", "",
                       "| head | final | median of last 10 |", "|---|---|---|"]
             lines += [f"| {h} | {_pm(v['final'])} | {_pm(v['median_last10'])} |"
                       for h, v in e["per_head"].items()]
-            lines.append(f"| best of the four on *test* (the authors' rule; optimistic) | | "
+            lines.append(f"| best of the {len(e['heads'])} on *test* (the authors' rule; optimistic) | | "
                          f"{_pm(e['best_test_head_median_last10'])} |")
             diag = {k: v for k, v in e["last_epoch_losses"].items() if k.startswith("mask_")}
             if diag:
@@ -320,12 +533,18 @@ def main(argv=None):
             folders.setdefault(method, {})[seed] = run_one(args, method, seed)
     if not folders:
         raise SystemExit(f"error: no finished runs under {args.out}")
-    results = aggregate(args, folders)
+    results = aggregate(args, folders, sys.argv[1:] if argv is None else argv)
     plot_curves(results, os.path.join(args.out, "curves.png"))
     if "automix" in folders and not args.no_masks:
         first = folders["automix"][min(folders["automix"])]
         plot_masks(first, os.path.join(args.out, "automix_masks.png"))
     print(markdown_table(results))
+    if args.check_against:
+        same, differ = check_against(results, args.check_against)
+        print(f"[study] against {args.check_against}: {len(same)} runs equal, {len(differ)} "
+              f"differ{': ' + ', '.join(f'{m} seed {s}' for m, s in differ) if differ else ''}")
+        if differ or not same:
+            raise SystemExit(1)
     print(f"[study] wrote {args.out}/results.json, results.md, curves.png"
           f"{', automix_masks.png' if 'automix' in folders and not args.no_masks else ''} "
           f"({time.perf_counter() - t:.0f} s)")

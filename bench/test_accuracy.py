@@ -27,7 +27,7 @@ def study(out, *extra, **kw):
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory):
     out = tmp_path_factory.mktemp("study")
-    r = study(out, "--methods", "automix,vanilla", "--seeds", "0,1", "--epochs", "1")
+    r = study(out, "--methods", "automix,vanilla", "--seeds", "0,1", "--epochs", "1", "--ema")
     assert r.returncode == 0, r.stdout + r.stderr
     return out, r.stdout
 
@@ -54,6 +54,56 @@ def test_aggregate_is_mean_and_std_of_the_runs(grid):
     assert "| automix | 2 |" in table and "| vanilla | 2 |" in table
 
 
+def test_results_record_provenance_and_read_what_the_runs_wrote(grid):
+    out, _ = grid
+    text = (out / "results.json").read_text()
+    results = json.loads(text)
+    prov = results["provenance"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert prov["commit"] == head and len(head) == 40
+    assert prov["command"].startswith("python bench/accuracy.py ") and "--ema" in prov["command"]
+    assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["timm"]
+    # no absolute path of this machine anywhere (the study folder was given absolute)
+    assert str(out) not in text.replace(prov["command"], "") and ROOT not in text
+    for method in ("automix", "vanilla"):
+        for seed in (0, 1):
+            run = results["methods"][method]["runs"][str(seed)]
+            assert run["folder"] == f"{method}/seed{seed}"
+            folder = out / method / f"seed{seed}"
+            summary = json.loads((folder / "summary.json").read_text())
+            history = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+            copy = json.loads((out / "runs" / f"{method}-seed{seed}.json").read_text())
+            assert copy["metrics"] == history
+            assert copy["summary"]["final_top1"] == summary["final_top1"] == run["final"]
+            assert run["median"] == summary["median_last10_top1"]
+            assert run["wall_time_s"] == summary["wall_time_s"]
+            assert run["images_per_s"] == statistics.median(h["images_per_s"] for h in history)
+    # the online head beside the EMA head: vanilla's cls/ema, AutoMix's q/k encoders
+    pairs = {m: results["methods"][m]["online_ema"] for m in ("automix", "vanilla")}
+    assert set(pairs["vanilla"]["online"]["heads"].values()) == {"cls"}
+    assert set(pairs["vanilla"]["ema"]["heads"].values()) == {"ema"}
+    assert set(pairs["automix"]["online"]["heads"].values()) <= {"one_q", "mix_q"}
+    assert set(pairs["automix"]["ema"]["heads"].values()) <= {"one_k", "mix_k"}
+    finals = [json.loads((out / "vanilla" / f"seed{s}" / "summary.json").read_text())
+              ["median_last10_top1"]["ema"] for s in (0, 1)]
+    assert pairs["vanilla"]["ema"]["median_last10"]["mean"] == pytest.approx(statistics.fmean(finals))
+    assert "| vanilla | cls |" in (out / "results.md").read_text()
+    assert results["automix_cost"]["vanilla"]["wall_time_ratio"] > 0
+
+
+def test_check_against_finds_equal_and_different_runs(grid, tmp_path):
+    out, _ = grid
+    results = json.loads((out / "results.json").read_text())
+    same, differ = accuracy.check_against(results, str(out / "results.json"))
+    assert len(same) == 4 and differ == []
+    results["methods"]["vanilla"]["runs"]["1"]["median"]["cls"] += 0.01
+    (tmp_path / "changed.json").write_text(json.dumps(results))
+    same, differ = accuracy.check_against(json.loads((out / "results.json").read_text()),
+                                          str(tmp_path / "changed.json"))
+    assert differ == [("vanilla", "1")] and len(same) == 3
+
+
 def test_pngs_are_written(grid):
     from PIL import Image
     out, _ = grid
@@ -67,7 +117,7 @@ def test_pngs_are_written(grid):
 def test_finished_runs_are_skipped(grid):
     out, _ = grid
     before = {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")}
-    r = study(out, "--methods", "automix,vanilla", "--seeds", "0,1", "--epochs", "1")
+    r = study(out, "--methods", "automix,vanilla", "--seeds", "0,1", "--epochs", "1", "--ema")
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("done, skipped") == 4 and "starting" not in r.stdout
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/seed*/summary.json")} == before
@@ -107,7 +157,8 @@ def test_killed_study_resumes_from_the_checkpoint(tmp_path):
 
 def test_bad_flags_are_refused_before_work(tmp_path):
     for bad in (["--methods", "mixup,nope"], ["--seeds", "a"], ["--epochs", "0"],
-                ["--alpha", "cutmix"], ["--alpha", "cutmix=-1"], ["--alpha", "puzzle=1"]):
+                ["--alpha", "cutmix"], ["--alpha", "cutmix=-1"], ["--alpha", "puzzle=1"],
+                ["--preset", "nope"], ["--dataset", "nope"], ["--threads", "-1"]):
         with pytest.raises(SystemExit) as e:
             accuracy.parse_args(bad + ["--out", str(tmp_path / "x")])
         assert e.value.code == 2

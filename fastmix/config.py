@@ -34,7 +34,8 @@ class Config:
     arch: str = opt("resnet18_cifar", "backbone (see fastmix.backbones.ARCH_NAMES) or timm:<name>")
     dataset: str = opt("fashion-mnist", "dataset; imagefolder: --data-dir ROOT with "
                        "ROOT/train/<class>/*, ROOT/val/<class>/*",
-                       choices=("fashion-mnist", "cifar10", "cifar100", "synthetic", "imagefolder"))
+                       choices=("fashion-mnist", "fashion-mnist-offcentre", "cifar10", "cifar100", "synthetic",
+                                "imagefolder"))
     data_dir: str = opt(None, "dataset folder (Fashion-MNIST: the four IDX .gz files, default "
                         "/usr/share/datasets/fashion-mnist; CIFAR: the folder of the pickle "
                         "batches; imagefolder: ROOT)")

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastmix.data import (DatasetError, TensorLoader, load_cifar, load_fashion_mnist,
+from fastmix.data import (FASHION_MNIST_DIR, ArrayDataset, DatasetError, TensorLoader, load_cifar,
+                          load_dataset, load_fashion_mnist,
                           make_synthetic)
+from fastmix.data.datasets import make_offcentre
 
 
 def write_idx(folder, prefix, images, labels, gz=True):
@@ -136,3 +138,60 @@ def test_loader_epochs_reshuffle_and_repeat():
 def test_loader_rejects_batch_larger_than_dataset():
     with pytest.raises(ValueError, match="larger than the dataset"):
         TensorLoader(make_synthetic(10, size=8), 32)
+
+
+# ---- the off-centre Fashion-MNIST (the label-mismatch study's dataset) ----------------------
+def _objects(n=64, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.zeros(n, 1, 28, 28, dtype=torch.uint8)
+    images[:, :, 4:24, 6:22] = torch.randint(1, 256, (n, 1, 20, 16), generator=g, dtype=torch.uint8)
+    return ArrayDataset(images, torch.arange(n) % 10, 10, (0.3,), (0.3,), "objects")
+
+
+def test_offcentre_places_each_resized_object_inside_the_canvas():
+    base = _objects()
+    ds = make_offcentre(base, canvas=32, min_side=14, max_side=22, seed=5)
+    assert ds.images.shape == (64, 1, 32, 32) and ds.images.dtype == torch.uint8
+    assert torch.equal(ds.labels, base.labels) and ds.name == "objects-offcentre"
+    side, top, left = ds.placements.unbind(1)
+    assert side.min() >= 14 and side.max() <= 22 and len(side.unique()) > 4
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + side <= 32).all() and (left + side <= 32).all()
+    assert len(top.unique()) > 5 and len(left.unique()) > 5     # off-centre, not one place
+    for i in range(64):
+        s, t, l = side[i].item(), top[i].item(), left[i].item()
+        expect = torch.nn.functional.interpolate(base.images[i:i + 1].float(), size=(s, s),
+                                                 mode="bilinear", align_corners=False,
+                                                 antialias=True).round().clamp(0, 255)
+        assert torch.equal(ds.images[i, :, t:t + s, l:l + s], expect[0].to(torch.uint8))
+        outside = ds.images[i].clone()
+        outside[:, t:t + s, l:l + s] = 0
+        assert not outside.any()                                  # a black canvas elsewhere
+
+
+def test_offcentre_is_deterministic_and_seeded():
+    base = _objects()
+    a, b = make_offcentre(base, seed=0), make_offcentre(base, seed=0)
+    assert torch.equal(a.images, b.images) and torch.equal(a.placements, b.placements)
+    c = make_offcentre(base, seed=1)
+    assert not torch.equal(a.placements, c.placements)
+
+
+def test_offcentre_refuses_bad_input():
+    with pytest.raises(DatasetError, match="1-channel"):
+        make_offcentre(ArrayDataset(torch.ones(2, 3, 28, 28, dtype=torch.uint8),
+                                    torch.zeros(2, dtype=torch.long), 10, (0.5,) * 3, (0.5,) * 3))
+    with pytest.raises(DatasetError, match="min_side <= max_side <= canvas"):
+        make_offcentre(_objects(), canvas=16, min_side=14, max_side=22)
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz")),
+                    reason="needs the Fashion-MNIST files")
+def test_offcentre_fashion_mnist_by_name():
+    ds = load_dataset("fashion-mnist-offcentre", train=False)
+    assert ds.images.shape == (10000, 1, 32, 32) and ds.num_classes == 10
+    x = ds.images.float() / 255
+    # the normalisation is the one stated for this canvas (the training set's; test set close)
+    assert abs(x.mean().item() - ds.mean[0]) < 0.01 and abs(x.std().item() - ds.std[0]) < 0.01
+    fg = (ds.images > 0).float().mean().item()
+    assert 0.12 < fg < 0.3                                        # objects a fifth of the canvas

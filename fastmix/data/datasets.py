@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+DATASETS = ("fashion-mnist", "fashion-mnist-offcentre", "cifar10", "cifar100", "synthetic")
 
 
 class DatasetError(RuntimeError):
@@ -160,6 +160,56 @@ def load_fashion_mnist(data_dir=None, train=True):
     return ArrayDataset(images, labels.long(), 10, (0.2860,), (0.3530,), "fashion-mnist")
 
 
+# ---- Fashion-MNIST, off-centre (the label-mismatch regime) ---------------------------------
+OFFCENTRE = dict(canvas=32, min_side=14, max_side=22)
+
+
+def make_offcentre(base, canvas=32, min_side=14, max_side=22, seed=0):
+    """Each image of ``base`` (a 1-channel ArrayDataset with a black background, such as
+    Fashion-MNIST) resized to a side drawn uniformly from ``[min_side, max_side]`` (bilinear,
+    antialiased) and pasted at a uniform random position on a black ``canvas`` x ``canvas``
+    image: objects smaller than the image and off its centre, where a box cut from one image and
+    pasted into another often misses the object (the label-mismatch argument for learned masks).
+
+    Deterministic: the sides and positions come from a generator seeded with ``seed`` and depend
+    on nothing else; ``placements`` holds them (``[N, 3]``: side, top, left)."""
+    images = base.images
+    if images.dim() != 4 or images.shape[1] != 1:
+        raise DatasetError(f"{base.name}: make_offcentre takes 1-channel images, got "
+                           f"{tuple(images.shape)}")
+    if not 1 <= min_side <= max_side <= canvas:
+        raise DatasetError(f"make_offcentre: need 1 <= min_side <= max_side <= canvas, got "
+                           f"{min_side}, {max_side}, {canvas}")
+    n = images.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    side = torch.randint(min_side, max_side + 1, (n,), generator=g)
+    u = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    room = (canvas - side + 1).to(torch.float64)
+    top, left = (u[:, 0] * room).floor().long(), (u[:, 1] * room).floor().long()
+    out = torch.zeros(n, 1, canvas, canvas, dtype=torch.uint8)
+    for s in side.unique().tolist():
+        idx = (side == s).nonzero().flatten()
+        small = torch.nn.functional.interpolate(images[idx].float(), size=(s, s), mode="bilinear",
+                                                align_corners=False, antialias=True)
+        small = small.round().clamp(0, 255).to(torch.uint8)
+        for j, i in enumerate(idx.tolist()):
+            t, l = int(top[i]), int(left[i])
+            out[i, :, t:t + s, l:l + s] = small[j]
+    ds = ArrayDataset(out, base.labels.clone(), base.num_classes, base.mean, base.std,
+                      f"{base.name}-offcentre")
+    ds.placements = torch.stack([side, top, left], 1)
+    return ds
+
+
+def load_fashion_mnist_offcentre(data_dir=None, train=True):
+    """Fashion-MNIST's 28-pixel objects at 14-22 pixels, off-centre on a 32x32 canvas
+    (:func:`make_offcentre`; the training and test sets use the placement seeds 0 and 1). The
+    normalisation is recomputed for the darker canvas (mean and std of the training set)."""
+    ds = make_offcentre(load_fashion_mnist(data_dir, train), seed=0 if train else 1, **OFFCENTRE)
+    ds.mean, ds.std = (0.0924,), (0.2288,)
+    return ds
+
+
 # ---- CIFAR-10/100 (python pickle batches) --------------------------------------------------
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.201)
 
@@ -252,6 +302,8 @@ def load_dataset(name, data_dir=None, train=True, synthetic_size=32, synthetic_n
     """``(train or test) ArrayDataset`` by name: one of ``DATASETS``."""
     if name == "fashion-mnist":
         return load_fashion_mnist(data_dir, train)
+    if name == "fashion-mnist-offcentre":
+        return load_fashion_mnist_offcentre(data_dir, train)
     if name in ("cifar10", "cifar100"):
         return load_cifar(data_dir, 10 if name == "cifar10" else 100, train)
     if name == "synthetic":
