@@ -298,7 +298,7 @@ def _portable(config, folder):
     return config
 
 
-def provenance(argv):
+def provenance(argv, script="bench/accuracy.py"):
     """The commit (and whether the tracked files differ from it), the command, the package
     versions and the machine: what regenerating these numbers needs."""
     def git(*a):
@@ -315,7 +315,7 @@ def provenance(argv):
     return {"commit": git("rev-parse", "HEAD"),
             "tracked_files_modified": sorted(l.split(maxsplit=1)[1] for l in dirty.splitlines())
             if dirty else [],
-            "command": "python bench/accuracy.py " + shlex.join(argv),
+            "command": f"python {script} " + shlex.join(argv),
             "versions": versions,
             "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
                         "torch_threads_default": torch.get_num_threads()}}

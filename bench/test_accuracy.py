@@ -184,3 +184,92 @@ def test_every_comparison_method_runs_through_the_study(tmp_path):
         assert summary["method"] == m and summary["config"]["method"] == m
         epoch = json.loads((tmp_path / m / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
         assert epoch["losses"]["loss"] > 0 and 0 <= summary["final_top1"]["cls"] <= 100
+
+
+# ---- bench/mask_diagnostics.py ---------------------------------------------------------------
+import mask_diagnostics  # noqa: E402
+
+
+def test_mask_measures_on_masks_with_known_answers():
+    fg_a = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    fg_a[:, :, 0:4, 0:4] = True                       # object of a: the top-left quarter
+    fg_b = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    fg_b[:, :, 4:8, 4:8] = True                       # object of b: the bottom-right quarter
+    m = torch.ones(2, 1, 8, 8)
+    m[0, :, 0:4, 0:4] = 0                             # sample 0: a box cuts a's whole object away
+    m[1] = 0.3                                        # sample 1: a Mixup blend at 0.3
+    lam = torch.tensor([0.75, 0.3])
+    r = mask_diagnostics.measure(m, lam, fg_a, fg_b)
+    assert r["survival_a"].tolist() == pytest.approx([0.0, 0.3])
+    assert r["survival_b"].tolist() == pytest.approx([0.0, 0.7])
+    assert r["area_err"].tolist() == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert r["softness"].tolist() == pytest.approx([0.0, 4 * 0.3 * 0.7], abs=1e-6)
+    # sample 0 shows no object of a yet gives it 0.75 of the label; the blend is consistent
+    assert r["label_mismatch"][1].item() == pytest.approx(0.0, abs=1e-6)
+    assert r["label_on_missing_object"].tolist() == [1.0, 0.0]
+
+
+def test_mask_diagnostics_reads_the_grid(grid, tmp_path):
+    out, _ = grid
+    results = mask_diagnostics.main(["--study", str(out), "--pairs", "64", "--out", str(tmp_path)])
+    assert set(results) == {"automix"}                 # vanilla does not mix; no Mixup run here
+    a = results["automix"]
+    assert a["samples"] == 64 and 0 <= a["softness"] <= 1 and 0 <= a["label_mismatch"] <= 1
+    saved = json.loads((tmp_path / "mask_diagnostics.json").read_text())
+    assert saved["methods"]["automix"] == pytest.approx(a)
+    assert saved["provenance"]["command"].startswith("python bench/mask_diagnostics.py")
+    assert (tmp_path / "mask_diagnostics.png").stat().st_size > 1000
+    assert "| automix | 2 |" in (tmp_path / "mask_diagnostics.md").read_text()
+
+
+def test_cutmix_mask_is_its_box():
+    import numpy as np
+    x = torch.randn(4, 1, 16, 16)
+    m, lam = mask_diagnostics.weights_of_a("cutmix", x, torch.tensor([1, 2, 3, 0]), 0.5, None,
+                                           np.random.default_rng(0))
+    kept = m.flatten(1).mean(1)
+    assert torch.allclose(kept, lam) and set(m.unique().tolist()) <= {0.0, 1.0}
+
+
+def _pids_running(needle):
+    """PIDs of live processes whose command line contains ``needle``."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+                with open(f"/proc/{d}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if needle in cmd and "train.py" in cmd and state != "Z":
+                pids.append(int(d))
+    return pids
+
+
+def test_kill_9_of_the_driver_stops_its_run(tmp_path):
+    """kill -9 of the study driver alone (not its group): its train.py child must stop too (it
+    gets SIGTERM through PR_SET_PDEATHSIG), so an immediate rerun cannot run beside it; the
+    rerun resumes and the run's epochs stay in order."""
+    args = ["--methods", "vanilla", "--seeds", "0", "--epochs", "6"]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--out", str(tmp_path),
+           "--train-subset", "1024", *TINY[2:], *args]
+    ckpt = tmp_path / "vanilla" / "seed0" / "last.pt"
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    assert _pids_running(str(tmp_path)), "no train.py child found"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 30
+    while _pids_running(str(tmp_path)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _pids_running(str(tmp_path)), "the train.py child outlived its driver"
+    assert not (tmp_path / "vanilla" / "seed0" / "summary.json").exists(), "finished before the kill"
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "vanilla seed 0: resuming" in r.stdout
+    lines = (tmp_path / "vanilla" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4, 5, 6]
