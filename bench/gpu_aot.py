@@ -101,9 +101,12 @@ def _t(shape, dtype=torch.float32, **kw):
 
 def attention_cases(full):
     """Mix Block attention: stage-3 maps 7x7 / 8x8 / 14x14, d = 128 / 256 / 512 (R-18's
-    C3 = 256 and R-50's 1024 at reduction 2), with and without the λ-concat biases."""
-    shapes = (itertools.product((7, 8, 14), (128, 256, 512)) if full
-              else ((8, 128), (14, 512)))      # CI: CIFAR R-18's and ImageNet R-50's maps
+    C3 = 256 and R-50's 1024 at reduction 2), and the ViT token grids: 14x14 of C = 384
+    (DeiT-S, Swin-T stage 3: d = 192) and C = 768 (DeiT-B: d = 384), 7x7 of C = 768 (Swin-T
+    stage 4: d = 384); with and without the λ-concat biases."""
+    vit = ((14, 192), (14, 384), (7, 384))
+    shapes = (tuple(itertools.product((7, 8, 14), (128, 256, 512))) + vit if full
+              else ((8, 128), (14, 512), (14, 192)))   # CI: R-18, R-50, DeiT-S (Swin-T: --full)
     for (hw, d), dtype, bias in itertools.product(shapes, DTYPES, (False, True)):
         n, L = 4, hw * hw
         qk, v = _t((n, L, d), dtype), _t((n, L), dtype)
