@@ -20,10 +20,11 @@ setup(
     install_requires=["torch>=2.4", "torchvision", "timm", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark", "triton>=3.6,<3.9", "numpy", "pillow",
-                 "matplotlib", "gco-wrapper", "timm", "torchvision"],
+                 "matplotlib", "gco-wrapper", "timm", "torchvision", "tensorboard"],
         "puzzlemix": ["gco-wrapper"],   # the graph cut of --method puzzlemix
         "study": ["matplotlib"],
         "dali": ["nvidia-dali-cuda130"],
         "models": ["timm", "torchvision"],
+        "tensorboard": ["tensorboard"],   # train.py --log tensorboard
     },
 )

@@ -592,8 +592,10 @@ def load_torchvision_weights(backbone, path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"--init-weights {path}: not a loadable state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        from fastmix.checkpoint import load_failure_reason   # (fastmix.checkpoint imports this)
+        raise ValueError(f"--init-weights {path} is not a loadable state dict (truncated, "
+                         f"corrupt, or not a torch.save file): "
+                         f"{load_failure_reason(e, path)}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -6,7 +6,9 @@ recipes (§3); ``resolve`` applies defaults <- preset <- flags; ``validate_confi
 setting once, before any work, and names the flag it refuses.
 """
 import argparse
+import importlib.util
 import math
+import sys
 from dataclasses import dataclass, field, fields
 
 from fastmix.methods import METHODS as _METHOD_CLASSES
@@ -102,7 +104,13 @@ class Config:
                              "fine-grained (resize 256/224, RandomResizedCrop 0.5-1 bilinear + "
                              "flip; test as imagenet)",
                              choices=("imagenet", "tiny-imagenet", "fine-grained"))
-    workers: int = opt(None, "imagefolder: DALI threads / DataLoader workers (default min(8, cores))")
+    workers: int = opt(None, "imagefolder: DALI threads / DataLoader workers (default min(8, "
+                       "cores); 0: load in the main process, with the DataLoader (torchvision) "
+                       "loader, which --loader auto then picks)")
+    max_image_pixels: int = opt(89_478_485, "imagefolder pre-scan: skip images of more pixels "
+                                "(width x height from the header, never decoded: decompression "
+                                "bombs; with --verify-images header or full); PIL's default "
+                                "limit; 0 = no limit")
     verify_images: str = opt("header", "imagefolder pre-scan: header (signature and end marker, "
                              "cheap), full (decode every file with PIL, skip the unreadable), "
                              "none", choices=("header", "full", "none"))
@@ -125,6 +133,28 @@ class Config:
     grid_every: int = opt(0, "AutoMix: save a mixed-sample PNG grid every N epochs (0: never)")
     export: str = opt(None, "after training, write the classifier (encoder + head) as a plain "
                       "state dict", metavar="PATH")
+    save_best: bool = opt(False, "keep OUT/best.pt: the weights and settings of the epoch with "
+                          "the highest --best-metric (with its epoch, metric and value; "
+                          "summary.json names it); --evaluate takes it as it takes last.pt (it "
+                          "holds no optimizer state: resume from last.pt)", kind="switch")
+    keep_top_k: int = opt(1, "--save-best: also keep the K best epochs as OUT/best-<epoch>.pt "
+                          "(1: best.pt only)", metavar="K")
+    best_metric: str = opt(None, "--save-best's metric, highest wins (the earliest epoch on a "
+                           "tie): val_top1 or top1, optionally /HEAD (default: val_top1 with "
+                           "--val-split, else top1; HEAD: --export-head, else the inference "
+                           "head). top1 chooses on the test split, which then overstates the "
+                           "chosen epoch's accuracy", metavar="METRIC")
+    log: str = opt(None, "also log each epoch's metrics.jsonl scalars (losses, lr, top-1 per "
+                   "head, val_top1, images/s) to tensorboard (OUT/tb/, with the mix grid image "
+                   "when --grid-every draws one) and/or csv (OUT/metrics.csv, one column per "
+                   "key, e.g. losses/loss, top1/one_k); a comma list, e.g. tensorboard,csv",
+                   metavar="LOGGERS")
+    evaluate: str = opt(None, "evaluate a checkpoint (OUT/last.pt or OUT/best.pt) and exit: the "
+                        "model and data settings are the checkpoint's (--device, --data-dir, "
+                        "--workers, --loader, --decoder, --eager, --verify-images still apply); "
+                        "every head's top-1 on the test split (and the validation split if "
+                        "the run had one), printed as one JSON line and a table; nothing is "
+                        "trained or written", metavar="CKPT")
     export_head: str = opt(None, "head to export: AutoMix's one_k (default), mix_k, one_q, "
                            "mix_q; with --ema, cls or ema (default)", choices=HEADS)
     max_bad_steps: int = opt(10, "stop after this many consecutive NaN/Inf losses (skipped steps)")
@@ -247,8 +277,32 @@ def resolve(flags, preset=None, cuda=False):
         if recipe == "cutting" and values.get("arch") == "resnext50_cifar" \
                 and values.get("dataset") == "cifar100":
             values["weight_decay"] = 5e-4
+    note = dataset_override_warning(preset, values, flags)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     values.update(flags)
     return Config(**values), preset, why
+
+
+def _images_of(values):
+    """How a resolved (partial) setting dict gets its images, in words."""
+    if values.get("dataset", Config.dataset) == "imagefolder":
+        return (f"--image-size {values.get('image_size', Config.image_size)}, --data-pipeline "
+                f"{values.get('data_pipeline', Config.data_pipeline)}")
+    return "its own image size and augmentation; --image-size and --data-pipeline do not apply"
+
+
+def dataset_override_warning(preset, values, flags):
+    """One warning line when ``--dataset`` replaces the dataset a preset was written for
+    (``values``: the preset's settings; ``flags``: those given), naming what the preset set
+    and what the run uses; None otherwise."""
+    if not preset or "dataset" not in flags or flags["dataset"] == values.get("dataset"):
+        return None
+    used = {**values, **flags}
+    return (f"warning: --preset {preset} is a recipe for --dataset {values.get('dataset')} "
+            f"({_images_of(values)}); this run uses --dataset {used['dataset']} "
+            f"({_images_of(used)}) with the rest of the recipe (arch, learning rates, epochs, "
+            f"batch size)")
 
 
 def _bool(v):
@@ -325,9 +379,13 @@ def validate_config(cfg: Config):
         need(getattr(cfg, name) > 0, f"{flag(name)} must be positive, got {getattr(cfg, name)}")
     for name in ("checkpoint_every", "grid_every", "val_split"):
         need(getattr(cfg, name) >= 0, f"{flag(name)} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("train_subset", "test_subset", "workers"):
+    for name in ("train_subset", "test_subset"):
         v = getattr(cfg, name)
         need(v is None or v > 0, f"{flag(name)} must be positive, got {v}")
+    need(cfg.workers is None or cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}")
+    need(not (cfg.workers == 0 and cfg.loader == "dali"),
+         "--workers 0 loads the images in the main process, which --loader torchvision does; "
+         "DALI needs at least one CPU thread: give --workers 1 or more, or --loader torchvision")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     need(cfg.mb_lr is None or cfg.mb_lr > 0, f"--mb-lr must be positive, got {cfg.mb_lr}")
     for name in ("min_lr", "mb_min_lr", "weight_decay", "mask_loss_weight"):
@@ -346,11 +404,14 @@ def validate_config(cfg: Config):
     need(cfg.mask_layer is None or not str(cfg.arch).startswith("timm:"),
          "--mask-layer applies to fastmix's ResNets and WideResNets; a timm backbone taps its "
          "second-last feature stage")
-    need(cfg.alpha is None or cfg.alpha > 0, f"--alpha must be positive, got {cfg.alpha}")
     need(cfg.lam_margin < 0.5, f"--lam-margin must be below 0.5, got {cfg.lam_margin}")
     cls = _METHOD_CLASSES.get(cfg.method)
     need(cls is not None, f"--method {cfg.method!r} is unknown; choose from {', '.join(METHODS)}")
     cls = cls or _METHOD_CLASSES["automix"]
+    # α = 0 is meaningful only for a method that draws no λ (vanilla, smoothmix: α is unused)
+    need(cfg.alpha is None or cfg.alpha > 0 or (cfg.alpha == 0 and not cls.draws_lam),
+         f"--alpha must be positive, got {cfg.alpha}" if cls.draws_lam else
+         f"--alpha must be >= 0 (--method {cfg.method} draws no λ: it is unused), got {cfg.alpha}")
     need(not (cfg.cuda_graphs and not cls.capturable),
          f"--cuda-graphs replays one recorded step, but {cfg.method} changes the step's work "
          f"with host draws (ManifoldMix's stage, PuzzleMix's grid and its host graph cut): run "
@@ -373,5 +434,60 @@ def validate_config(cfg: Config):
     need(not (cfg.ema and cls.recipe == "automix"),
          "--ema: AutoMix's momentum encoder is its EMA (set it with --ema-momentum, --ema-end, "
          "--ema-warmup); --ema is for the other methods")
+    need(cfg.max_image_pixels >= 0,
+         f"--max-image-pixels must be >= 0 (0: no limit), got {cfg.max_image_pixels}")
+    problems += cls.config_problems(cfg)
+    need(cfg.keep_top_k > 0, f"--keep-top-k must be positive, got {cfg.keep_top_k}")
+    need(cfg.save_best or (cfg.best_metric is None and cfg.keep_top_k == 1),
+         "--best-metric and --keep-top-k choose what --save-best keeps: add --save-best")
+    if cfg.best_metric is not None:
+        split, _, head = str(cfg.best_metric).partition("/")
+        need(split in BEST_SPLITS, f"--best-metric must be val_top1 or top1, optionally /HEAD, "
+                                   f"got {cfg.best_metric!r}")
+        need(split != "val_top1" or cfg.val_split > 0,
+             "--best-metric val_top1 needs a validation split: give --val-split N (or choose on "
+             "the test split with --best-metric top1)")
+        need(not head or head in heads, f"--best-metric {cfg.best_metric}: {head!r} is not a "
+                                        f"head of this run ({', '.join(heads)})")
+    for name in log_targets(cfg.log):
+        need(name in LOGGERS, f"--log: unknown logger {name!r}; choose from "
+                              f"{', '.join(LOGGERS)} (a comma list)")
+        need(name != "tensorboard" or importlib.util.find_spec("tensorboard") is not None,
+             "--log tensorboard needs the tensorboard package, which is not installed here "
+             "(pip install tensorboard, or pip install -e .[tensorboard])")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+BEST_SPLITS = ("val_top1", "top1")
+LOGGERS = ("tensorboard", "csv")
+
+
+def log_targets(value):
+    """The loggers a ``--log`` value names (a comma list), in order, without repeats."""
+    names = [s.strip() for s in str(value or "").split(",") if s.strip()]
+    return list(dict.fromkeys(names))
+
+
+def best_metric(cfg: Config, default_head):
+    """``(split, head)`` that ``--save-best`` maximises: ``--best-metric`` (``split[/head]``),
+    by default ``val_top1`` with a validation split, else ``top1`` (the test split); the head
+    defaults to ``--export-head``, else ``default_head`` (the model's inference head)."""
+    split, _, head = str(cfg.best_metric or "").partition("/")
+    split = split or ("val_top1" if cfg.val_split > 0 else "top1")
+    return split, head or cfg.export_head or default_head
+
+
+def setting_warnings(cfg: Config):
+    """Harmless settings that will do nothing in this run, in words (one line each)."""
+    out = []
+    if cfg.grid_every:
+        cls = _METHOD_CLASSES.get(cfg.method)
+        automix = getattr(cls, "recipe", None) == "automix"
+        why = (f"--method {cfg.method} has no Mix Block" if not automix
+               else "--dataset imagefolder keeps no test images in memory"
+               if cfg.dataset == "imagefolder" else None)
+        if why:
+            out.append(f"warning: --grid-every {cfg.grid_every} draws AutoMix's Mix Block masks "
+                       f"on a tensor dataset's test images; this run writes no grid ({why})")
+    return out

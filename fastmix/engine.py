@@ -1,15 +1,21 @@
 """The training loop behind ``train.py``, top to bottom.
 
-``train(cfg)``: check the settings -> (load the checkpoint to resume) -> claim OUT -> data ->
-model and optimizer -> (restore) -> the step -> for each epoch: train steps, evaluate, log,
-checkpoint -> summary. Settings live in ``fastmix.config``, devices and processes in
-``fastmix.runtime``, checkpoints in ``fastmix.checkpoint``, the step in ``fastmix.step``.
+``train(cfg)``: check the settings -> lock OUT -> (load the checkpoint to resume) -> claim OUT ->
+data -> model and optimizer -> (restore) -> the step -> for each epoch: train steps, evaluate,
+log, checkpoint -> summary. Every file of the run is written atomically (``fastmix.checkpoint.
+atomic_write``); a failed write is a warning and the run goes on. SIGTERM/SIGINT stop the run
+after the current step with a checkpoint (``StopSignals``, ``RunStopped``). Settings live in
+``fastmix.config``, devices and processes in ``fastmix.runtime``, checkpoints in
+``fastmix.checkpoint``, the step in ``fastmix.step``.
 """
+import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -17,13 +23,15 @@ from dataclasses import asdict
 import torch
 
 from fastmix.backbones import build_backbone, load_torchvision_weights
-from fastmix.checkpoint import (CheckpointError, atomic_save, export_classifier,  # noqa: F401
-                                load_checkpoint, load_training_checkpoint,
-                                remove_stale_temporaries, rng_states, set_rng_states,
-                                unwritable_reason)
+from fastmix.checkpoint import (CheckpointError, OutInUseError, atomic_save,  # noqa: F401
+                                export_classifier, load_checkpoint, load_training_checkpoint,
+                                lock_out, os_error_text, remove_stale_temporaries, rng_states,
+                                set_rng_states, unwritable_reason, write_or_warn)
 from fastmix.config import DEFAULT_ALPHA, METHODS, Config, validate_config  # noqa: F401
+from fastmix.config import setting_warnings
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.functional import FUSED_OPS, set_op_paths, use_fused
+from fastmix.loggers import BestKeeper, RunLoggers
 from fastmix.methods import method_class
 from fastmix.runtime import autocast_context, init_distributed, resolve_device, resolve_runtime
 from fastmix.schedules import cosine
@@ -139,9 +147,12 @@ def _imagefolder_data(cfg, device, rank, world):
         raise ValueError("--val-split carves a validation set out of a tensor dataset; for "
                          "--dataset imagefolder hold one out on disk instead")
     from fastmix.data.imagefolder import build_imagefolder_loader, split_overlap
-    kw = dict(loader=cfg.loader, decoder=cfg.decoder, pipeline=cfg.data_pipeline, device=device, size=cfg.image_size, seed=cfg.seed,
+    # --workers 0: the main process loads the images, which the DataLoader loader does (not DALI)
+    loader = "torchvision" if cfg.workers == 0 and cfg.loader == "auto" else cfg.loader
+    kw = dict(loader=loader, decoder=cfg.decoder, pipeline=cfg.data_pipeline, device=device, size=cfg.image_size, seed=cfg.seed,
               shard=(rank, world), channels_last=cfg.channels_last, num_workers=cfg.workers,
-              quiet=rank != 0, verify={"none": False}.get(cfg.verify_images, cfg.verify_images))
+              quiet=rank != 0, verify={"none": False}.get(cfg.verify_images, cfg.verify_images),
+              max_image_pixels=cfg.max_image_pixels)
     train = build_imagefolder_loader(cfg.data_dir, "train", cfg.batch_size, True,
                                      subset=cfg.train_subset, **kw)
     test = build_imagefolder_loader(cfg.data_dir, "val", max(cfg.batch_size, 256), False,
@@ -167,9 +178,10 @@ def check_run_settings(cfg: Config):
         folder = os.path.dirname(os.path.abspath(cfg.export))
         if os.path.isdir(cfg.export):
             raise ValueError(f"--export {cfg.export} is a folder; give a file path")
-        if not os.path.isdir(folder):
+        in_new_out = folder == os.path.abspath(cfg.out)   # made by claim_out, checked above
+        if not os.path.isdir(folder) and not in_new_out:
             raise ValueError(f"--export {cfg.export}: the folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
+        if os.path.isdir(folder) and not os.access(folder, os.W_OK):
             raise ValueError(f"--export {cfg.export}: the folder {folder} is not writable")
     if cfg.init_weights == "required":
         raise ValueError(
@@ -195,10 +207,39 @@ def check_devices(cfg: Config, world, rank=0):
               f"this)", file=sys.stderr)
 
 
+def warn_settings(cfg: Config, rank=0):
+    """One warning line (rank 0) per setting that will do nothing in this run
+    (``fastmix.config.setting_warnings``: --grid-every without a Mix Block or test images)."""
+    if rank == 0:
+        for line in setting_warnings(cfg):
+            print(line, file=sys.stderr, flush=True)
+
+
+def plan_epochs_change(state, cfg: Config, path, rank=0):
+    """``--resume`` with another ``--epochs`` than the checkpoint's (a running or a finished
+    run, extended or shortened): refused, naming the file, unless more epochs than those done;
+    otherwise one line says so. Nothing else is needed: the cosine learning rate
+    (``set_epoch_lr``), the EMA momentum and the mask-loss weight are functions of the epoch
+    or step and the total, so they follow the new total from the first epoch trained on."""
+    if state is None:
+        return
+    before, done = state["config"].get("epochs", cfg.epochs), state["epoch"]
+    if before == cfg.epochs:
+        return
+    if cfg.epochs <= done:
+        raise CheckpointError(f"--epochs {cfg.epochs}: the run in {path} has done {done} of "
+                              f"{before} epochs; to extend it, give --epochs larger than {done}")
+    if rank == 0:
+        print(f"fastmix: {'extending' if cfg.epochs > before else 'shortening'} from {before} to "
+              f"{cfg.epochs} epochs; the cosine schedule is re-planned from epoch {done + 1} on "
+              f"(the EMA momentum and mask-loss weight schedules too, over the new number of "
+              f"steps)", file=sys.stderr, flush=True)
+
+
 def claim_out(cfg: Config, rank=0):
     """Make OUT, refuse to start afresh over an earlier run unless ``overwrite`` (which deletes
     its files, so no later message can point at the old checkpoint), and delete temporary files
-    that an interrupted checkpoint write left behind."""
+    that an interrupted write left behind (OUT is locked: no other run is writing them)."""
     os.makedirs(cfg.out, exist_ok=True)   # writable: check_run_settings made sure
     earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.out, f))]
     if earlier and not cfg.resume:
@@ -210,8 +251,8 @@ def claim_out(cfg: Config, rank=0):
             for f in earlier:
                 os.unlink(os.path.join(cfg.out, f))
     if rank == 0:
-        for path in remove_stale_temporaries(cfg.out, "last.pt"):
-            print(f"removed {path}, left by an interrupted checkpoint write", file=sys.stderr)
+        for path in remove_stale_temporaries(cfg.out):
+            print(f"removed {path}, left by an interrupted write", file=sys.stderr)
 
 
 def json_safe(obj):
@@ -231,12 +272,19 @@ def json_line(record):
 
 class Checkpointer:
     """Writes OUT/last.pt (rank 0; every rank's RNG state gathered under DDP). A failed write
-    (disk full, quota, I/O error) is a warning: training goes on and the old file stays."""
+    (disk full, quota, I/O error) is a warning naming the cause: training goes on and the old
+    file stays. ``report()``: how many writes succeeded and failed (summary.json; a run none of
+    whose checkpoints could be written cannot be resumed, and train.py exits 4)."""
 
     def __init__(self, cfg, model, optimizer, scaler, rank=0, world=1):
         self.cfg, self.model, self.optimizer, self.scaler = cfg, model, optimizer, scaler
         self.rank, self.world = rank, world
         self.path = os.path.join(cfg.out, "last.pt")
+        self.written, self.failed, self.last_error, self.last_ok = 0, 0, None, None
+
+    def report(self):
+        return {"path": self.path, "written": self.written, "failed": self.failed,
+                "last_error": self.last_error}
 
     def save(self, epoch, batch, step, history, partial=None):
         rng = rng_states(self.model)
@@ -246,16 +294,21 @@ class Checkpointer:
             dist.all_gather_object(gathered, rng)
             rng = gathered
         if self.rank != 0:
-            return
+            self.last_ok = True     # rank 0 writes it (and reports)
+            return True
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scaler": self.scaler.state_dict(), "epoch": epoch, "batch": batch,
                  "step": step, "history": history, "partial": partial, "rng": rng,
                  "world": self.world, "config": asdict(self.cfg)}
         try:
             atomic_save(state, self.path)
+            self.written += 1
+            self.last_ok = True
         except OSError as e:
-            print(f"warning: could not write checkpoint {self.path} ({e}); the previous "
-                  f"checkpoint, if any, is intact", file=sys.stderr)
+            self.failed, self.last_error, self.last_ok = self.failed + 1, os_error_text(e), False
+            print(f"warning: could not write checkpoint {self.path} ({self.last_error}); the "
+                  f"previous checkpoint, if any, is intact", file=sys.stderr, flush=True)
+        return self.last_ok
 
 
 def restore(state, model, optimizer, scaler, rank, path):
@@ -308,36 +361,39 @@ def eval_due(epoch, cfg):
 
 
 class LoggedSums:
-    """Logged values summed on the device, one stacked vector per step (host floats become
-    device scalars: a fill, not a sync; a skipped step adds nothing), merged into per-key sums
-    only when read."""
+    """Logged values summed on the device, one running vector to which each step's values are
+    added in step order (host floats become device scalars: a fill, not a sync; a skipped step
+    adds nothing). Reading the sums (``merged``) or saving them mid-epoch (``partial``) does not
+    regroup the additions, so a run resumed from a mid-epoch checkpoint, or one that writes
+    them, logs the very same means, bit for bit, as one that did neither."""
 
     def __init__(self, device, partial=None):
-        self.device, self.acc, self.keys = device, None, []
+        self.device, self.keys, self.total = device, [], None
         self.sums = {k: v.to(device) for k, v in partial["sums"].items()} if partial else {}
         self.count = partial["count"] if partial else 0
 
     def add(self, logs, ok):
-        self.keys = list(logs)
         vec = torch.stack([v.detach().float() if isinstance(v, torch.Tensor)
                            else torch.full((), float(v), device=self.device) for v in logs.values()])
         vec = torch.where(ok, vec, torch.zeros_like(vec))
-        self.acc = vec if self.acc is None else self.acc + vec
+        if list(logs) != self.keys:      # the first step (or other keys): go on from the sums
+            self.sums, self.keys = self.merged(), list(logs)
+            zero = torch.zeros((), device=self.device)
+            self.total = torch.stack([self.sums.get(k, zero).float() for k in self.keys])
+        self.total = self.total + vec
         self.count += 1
 
     def merged(self):
-        if self.acc is not None:
-            for k, v in zip(self.keys, self.acc.unbind()):
-                self.sums[k] = self.sums[k] + v if k in self.sums else v
-            self.acc = None
-        return self.sums
+        if self.total is None:
+            return dict(self.sums)
+        return {**self.sums, **dict(zip(self.keys, self.total.unbind()))}
 
     def partial(self):
         return {"sums": {k: v.detach().cpu() for k, v in self.merged().items()}, "count": self.count}
 
     def means(self):
         """Mean of every logged value over finite steps (one host read), and the skip count."""
-        sums = dict(self.merged())
+        sums = self.merged()
         good = max(float(sums.pop("finite_steps", torch.tensor(0.0))), 1.0) if sums else 1.0
         means = {k: float(v) / good for k, v in sums.items()}
         means["skipped_steps"] = self.count - good if sums else 0
@@ -345,13 +401,15 @@ class LoggedSums:
 
 
 def train_one_epoch(step_fn, loader, cfg, step, total_steps, guard, progress=None, save=None,
-                    skip=0, partial=None):
+                    skip=0, partial=None, stop=None):
     """One epoch; returns ``(next step, means of the logged values, images/s)``.
 
     Nothing is read from the device inside the step: the logged sums are read every
     ``cfg.log_every`` steps (progress bar, bad-step check) and at the end. On resume the first
     ``skip`` batches are drawn (the loader's random streams advance as before) but not trained
-    on. ``save(batch, step, partial)`` writes a mid-epoch checkpoint every ``checkpoint_every``.
+    on. ``save(batch, step, partial)`` writes a mid-epoch checkpoint every ``checkpoint_every``
+    (if set). ``stop`` (``StopSignals``): once a signal came, the epoch ends after the current
+    step with a checkpoint of it (``stop.stopped_at`` is set: the epoch is not complete).
     """
     device = guard.device
     logged = LoggedSums(device, partial)
@@ -369,14 +427,21 @@ def train_one_epoch(step_fn, loader, cfg, step, total_steps, guard, progress=Non
                 progress.set_postfix(loss=f"{float(sums['loss'] / sums['finite_steps'].clamp_min(1)):.3f}")
         if progress is not None:
             progress.update(1)
-        if save is not None and step % cfg.checkpoint_every == 0 and batch + 1 < len(loader):
+        saved = False
+        if save is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                and batch + 1 < len(loader):
             elapsed += time.perf_counter() - start
             save(batch + 1, step, logged.partial())
-            start = time.perf_counter()
+            start, saved = time.perf_counter(), True
+        if stop is not None and stop.check(step):
+            # even after the epoch's last batch: the resumed run then draws the epoch's batches
+            # without training on them, and evaluates and logs it as this run would have
+            stop.stopped_at, stop.saved = step, saved or (save is not None and
+                                                          save(batch + 1, step, logged.partial()))
+            break
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed += time.perf_counter() - start
-    logged.merged()
     guard.check(cfg.max_bad_steps, step, os.path.join(cfg.out, "last.pt"))
     return step, logged.means(), images / max(elapsed, 1e-9)
 
@@ -473,16 +538,83 @@ def select_op_paths(cfg, device, rank, model=None, batch=None, num_classes=None)
 
 
 # ---- the loop ----------------------------------------------------------------------------------
+class RunStopped(Exception):
+    """The run stopped on a signal (``StopSignals``) after a step, with a checkpoint if one could
+    be written; ``exit_code``: 128 + the signal's number, the shell's convention."""
+
+    def __init__(self, signum, step, total_steps, checkpoint, why=None, rank=0):
+        self.signum, self.step, self.total_steps = signum, step, total_steps
+        self.checkpoint, self.exit_code, self.rank = checkpoint, 128 + signum, rank
+        where = (f"checkpoint {checkpoint}" if checkpoint else
+                 f"the checkpoint could not be written ({why}): a resumed run starts from the "
+                 f"last one written, if any")
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step} of "
+                         f"{total_steps}; {where}")
+
+
+class StopSignals:
+    """SIGTERM and SIGINT (a scheduler's preemption, Ctrl-C) ask the run to stop after the
+    current step: the handler only sets ``signum`` (a step is never cut in half, and no
+    KeyboardInterrupt surfaces from inside torch); ``train_one_epoch`` checks it after each step,
+    writes a checkpoint and ends. The handler then puts the default action back, so a second
+    signal ends the process at once (the kernel releases OUT's lock). Installed only in the main
+    thread (Python allows no other); the previous handlers come back on exit.
+
+    Under DDP every rank must stop at the same step: the flag is agreed on (an all-reduce)
+    every ``every`` steps, at the same steps on every rank."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, world=1, device=None, every=1):
+        self.world, self.device, self.every = world, device, every
+        self.signum, self.stopped_at, self.saved, self.previous = None, None, None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in self.SIGNALS:
+                self.previous[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        # os.write: print() could re-enter a stderr write the signal interrupted
+        os.write(2, f"\n{name}: stopping after the current step, with a checkpoint (another "
+                    f"signal stops at once, without one)\n".encode())
+
+    def check(self, step=None):
+        """Whether to stop now (``step`` None: at the end of an epoch, on every rank)."""
+        if self.world == 1:
+            return self.signum is not None
+        if step is not None and step % self.every:
+            return False
+        import torch.distributed as dist
+        flag = torch.tensor([self.signum or 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signum = int(flag.item()) or None
+        return self.signum is not None
+
+
 def train(cfg: Config):
-    """Train ``cfg`` end to end; returns the summary dict (also written to OUT/summary.json)."""
+    """Train ``cfg`` end to end; returns the summary dict (also written to OUT/summary.json).
+    Raises ``RunStopped`` when a SIGTERM/SIGINT stopped it (after a checkpoint)."""
     previous = set_op_paths({})
     try:
-        return _train(cfg)
+        # OUT's lock and the signal handlers, held by _train: released on every way out
+        with contextlib.ExitStack() as held:
+            return _train(cfg, held)
     finally:
         set_op_paths(previous)      # the self-check's choices hold for this run only
 
 
-def _train(cfg):
+def _train(cfg, held):
     validate_config(cfg)
     rank, world, local = init_distributed()
     device = resolve_device(cfg.device)
@@ -490,9 +622,16 @@ def _train(cfg):
         device = torch.device("cuda", local)
     cfg = resolve_runtime(cfg, device)
     check_run_settings(cfg)      # all a run can refuse, before any data is read
+    if rank == 0:
+        # one run at a time in OUT (DDP ranks share it: rank 0 holds it for them), taken before
+        # the checkpoint to resume is read (another run could still be writing it) and before
+        # --overwrite deletes anything
+        held.enter_context(lock_out(cfg.out))
     resume_path = os.path.join(cfg.out, "last.pt") if cfg.resume == "auto" else cfg.resume
     state = load_training_checkpoint(resume_path, cfg, world) if cfg.resume else None
+    plan_epochs_change(state, cfg, resume_path, rank)      # --resume --epochs N
     check_devices(cfg, world, rank)
+    warn_settings(cfg, rank)
     claim_out(cfg, rank)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     torch.manual_seed(cfg.seed + rank)  # per-rank permutations and λ, as on the official DDP
@@ -504,8 +643,10 @@ def _train(cfg):
     start_epoch, skip, step, history, partial = restore(state, model, optimizer, scaler, rank,
                                                         resume_path)
     metrics = MetricsLog(cfg, rank, history)
+    loggers, best = RunLoggers(cfg, rank, history), BestKeeper(cfg, model, rank, history)
     step_fn, guard = build_step(cfg, model, optimizer, scaler, device, world, local)
     ckpt = Checkpointer(cfg, model, optimizer, scaler, rank, world)
+    stop = held.enter_context(StopSignals(world, device, cfg.log_every))
     total_steps = cfg.epochs * len(train_loader)
     progress = None
     if cfg.progress and rank == 0:
@@ -516,10 +657,11 @@ def _train(cfg):
         set_epoch_lr(optimizer, epoch, cfg.epochs)
         train_loader.set_epoch(epoch)
         model.train()
-        save = ((lambda b, s, p, e=epoch: ckpt.save(e, b, s, history, p))
-                if cfg.checkpoint_every else None)
+        save = lambda b, s, p, e=epoch: ckpt.save(e, b, s, history, p)  # noqa: E731
         step, losses, ips = train_one_epoch(step_fn, train_loader, cfg, step, total_steps, guard,
-                                            progress, save, skip, partial)
+                                            progress, save, skip, partial, stop)
+        if stop.stopped_at is not None:
+            break
         skip, partial = 0, None
         record = {"epoch": epoch + 1, "step": step,
                   "lr": {g["name"]: g["lr"] for g in optimizer.param_groups},
@@ -537,52 +679,98 @@ def _train(cfg):
             record["ema_momentum"] = momentum
         history.append(record)
         metrics.write(record, progress, model, test_set, device)
+        loggers.write(record, model, test_set, device)     # --log
+        best.update(record, step)       # --save-best; before last.pt: a resume redoes both
         ckpt.save(epoch + 1, 0, step, history)
+        if epoch + 1 < cfg.epochs and stop.check():    # a signal during evaluation or logging
+            stop.stopped_at, stop.saved = step, ckpt.last_ok
+            break
     if progress is not None:
         progress.close()
-    return finish(cfg, model, history, time.perf_counter() - t0, rank, world, op_paths)
+    loggers.close()
+    if stop.stopped_at is not None:
+        leave_group(world)
+        raise RunStopped(stop.signum, stop.stopped_at, total_steps,
+                         ckpt.path if stop.saved else None, ckpt.last_error, rank)
+    return finish(cfg, model, history, time.perf_counter() - t0, rank, world, op_paths, ckpt,
+                  best.summary())
 
 
 class MetricsLog:
-    """OUT/metrics.jsonl (rank 0): rewritten from the checkpoint's history on resume, then one
-    JSON line per epoch; the progress bar's epoch line; the mix grid every ``grid_every``."""
+    """OUT/metrics.jsonl (rank 0): one JSON line per epoch, the file rewritten whole and
+    atomically each epoch (from the checkpoint's history on resume), so that a full disk or a
+    kill never leaves a truncated line: a failed write is a warning, the previous version stays
+    and the next epoch writes the whole history again. The progress bar's epoch line; the mix
+    grid every ``grid_every``."""
 
     def __init__(self, cfg, rank, history):
-        self.cfg, self.rank = cfg, rank
+        self.cfg, self.rank, self.records = cfg, rank, list(history)
         self.path = os.path.join(cfg.out, "metrics.jsonl")
         if rank == 0:
-            with open(self.path, "w") as f:
-                f.writelines(json_line(r) for r in history)
+            self._rewrite()
+
+    def _rewrite(self):
+        write_or_warn(self.path, "".join(json_line(r) for r in self.records), "metrics",
+                      "the previous version, if any, is intact; the next epoch's write includes "
+                      "this one")
 
     def write(self, record, progress, model, test_set, device):
         if self.rank != 0:
             return
         cfg, epoch = self.cfg, record["epoch"]
-        with open(self.path, "a") as f:
-            f.write(json_line(record))
+        self.records.append(record)
+        self._rewrite()
+        line = (f"epoch {epoch}/{cfg.epochs}  loss {record['losses']['loss']:.3f}  " +
+                "  ".join(f"{k} {v:.2f}" for k, v in record.get("top1", {}).items()) +
+                f"  {record['images_per_s']:.0f} img/s")
         if progress is not None:
-            progress.write(f"epoch {epoch}/{cfg.epochs}  loss {record['losses']['loss']:.3f}  " +
-                           "  ".join(f"{k} {v:.2f}" for k, v in record.get("top1", {}).items()) +
-                           f"  {record['images_per_s']:.0f} img/s")
+            progress.write(line)
+        else:       # --no-progress: the same line, on stderr as the bar's
+            print(line, file=sys.stderr, flush=True)
         if cfg.grid_every and epoch % cfg.grid_every == 0 and hasattr(model, "mix_block") \
                 and test_set is not None:
             from fastmix.visualize import save_mix_grid
-            save_mix_grid(model, test_set, os.path.join(cfg.out, f"mix_epoch{epoch:04d}.png"),
-                          device, channels_last=cfg.channels_last)
+            path = os.path.join(cfg.out, f"mix_epoch{epoch:04d}.png")
+            try:
+                save_mix_grid(model, test_set, path, device, channels_last=cfg.channels_last)
+            except OSError as e:
+                print(f"warning: could not write the mix grid {path} ({os_error_text(e)}); "
+                      f"training goes on", file=sys.stderr, flush=True)
 
 
-def finish(cfg, model, history, wall_time, rank, world, op_paths):
-    """summary.json and the export (rank 0); under DDP, leave the process group together."""
-    summary = {**summarize(history, model, cfg, wall_time), "op_paths": op_paths}
+def finish(cfg, model, history, wall_time, rank, world, op_paths, ckpt=None, extra=None):
+    """summary.json and the export (rank 0); under DDP, leave the process group together.
+
+    Both are written atomically; a failed write is a warning and is recorded in the summary
+    returned (``export_error``; ``summary_error``: summary.json is then absent, or the earlier
+    run's), as is how many checkpoint writes of the run succeeded and failed (``checkpoint``):
+    train.py exits 4 when the run's outputs are not all on disk."""
+    summary = {**summarize(history, model, cfg, wall_time), "op_paths": op_paths,
+               **(extra or {})}     # extra: --save-best's best epoch (BestKeeper.summary)
     if rank == 0:
+        if ckpt is not None:
+            summary["checkpoint"] = ckpt.report()
         if cfg.export:
-            summary["exported_head"] = export_classifier(model, cfg.export, cfg.export_head)
-        with open(os.path.join(cfg.out, "summary.json"), "w") as f:
-            json.dump(json_safe(summary), f, indent=2, allow_nan=False)
+            try:
+                summary["exported_head"] = export_classifier(model, cfg.export, cfg.export_head)
+            except OSError as e:
+                summary["export_error"] = os_error_text(e)
+                print(f"warning: could not write the export {cfg.export} "
+                      f"({summary['export_error']})", file=sys.stderr, flush=True)
+        path = os.path.join(cfg.out, "summary.json")
+        why = write_or_warn(path, json.dumps(json_safe(summary), indent=2, allow_nan=False),
+                            "the summary", "the run's results are in metrics.jsonl")
+        if why:
+            summary["summary_error"] = why
+    leave_group(world)
+    return summary
+
+
+def leave_group(world):
+    """Under DDP, leave the process group together (every rank calls it)."""
     if world > 1:
         # A gloo group alive at interpreter exit can abort a rank ("terminate called without an
         # active exception"): barrier, then tear it down.
         import torch.distributed as dist
         dist.barrier()
         dist.destroy_process_group()
-    return summary

@@ -271,9 +271,14 @@ def random_permutation(n, device, generator=None, no_fixed_points=False):
     """A random permutation of ``range(n)`` drawn on ``device`` (no host sync).
 
     ``no_fixed_points=True`` returns a uniformly random single n-cycle, which never maps an
-    index to itself (n > 1): the effect of the official ``mix_shuffle_no_repeat`` without its
-    host-side retry loop around ``randperm``.
+    index to itself: the effect of the official ``mix_shuffle_no_repeat`` without its
+    host-side retry loop around ``randperm``. No such permutation of one element exists, so
+    ``n == 1`` then raises ``ValueError`` (a batch of one would be mixed with itself).
     """
+    if no_fixed_points and n == 1:
+        raise ValueError("a permutation without fixed points of 1 element does not exist: "
+                         "mix_shuffle_no_repeat (no_fixed_points=True) needs a batch of at least "
+                         "2 samples, else every sample is mixed with itself")
     perm = torch.randperm(n, device=device, generator=generator)
     if not no_fixed_points or n < 2:
         return perm

@@ -5,7 +5,10 @@ against its eager twin (forward outputs and input gradients, fp32 and bf16, outp
 NaN-poisoned before each call so an unwritten element shows) at real shapes; runs a few whole
 AutoMix training steps fused against eager; on a GPU times eager, ``torch.compile(eager)`` and
 fused for representative cases; and writes everything to a JSON report to attach to a bug
-report. Exit status 1 when any check fails.
+report. Exit status 1 when any check fails; 2, with one line on stderr, for arguments checked
+before any work (a --device that is not a name, or absent on this machine; an --out that is a
+folder or cannot be written) and for a report that cannot be written (written atomically:
+a temporary file renamed over ``--out``).
 
 ``train.py`` runs the correctness part once at start on CUDA (``--selfcheck auto``, the
 default; ``--no-selfcheck`` skips it) on the op calls its own step makes: the variants, shapes
@@ -531,12 +534,25 @@ def time_ops(device):
 
 
 def write_report(report, path):
-    """Atomically write the JSON report (NaN/inf as strings)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, default=str,
-                  allow_nan=True)
-    os.replace(tmp, path)
+    """Atomically write the JSON report (NaN/inf as strings): a temporary file in the same
+    folder (made if missing), flushed and fsync'ed, then renamed over ``path``, so a crash or
+    a full disk leaves the old report or the new one, never a torn file (the temporary file is
+    removed when the write fails, and the ``OSError`` is raised)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f, indent=2, default=str, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
     return path
 
 
@@ -556,9 +572,63 @@ def run(device=None, out="selfcheck.json", timing=True, steps=True, small=None):
     return report
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2, as argparse's)."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def device_problem(name):
+    """None when ``name`` is a device this machine can run the self-check on, else why not
+    (checked before any work: a bad ``--device`` would otherwise fail mid-check)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {name!r} is not a device name: cpu, cuda or cuda:N"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {name}: the self-check runs on cpu or cuda, not {device.type}"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"--device {name}: CUDA is not available here (torch {torch.__version__}, "
+                    f"CUDA build {torch.version.cuda or 'none'}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            return (f"--device {name}: this machine has {count} CUDA device(s), "
+                    f"cuda:0 to cuda:{count - 1}")
+    return None
+
+
+def report_problem(out):
+    """None when the report can be written to ``out`` (its folder exists and is writable, or
+    can be made), else why not; checked before any work, never by writing."""
+    from fastmix.checkpoint import unwritable_reason
+    if os.path.isdir(out):
+        return (f"--out {out} is a folder: give the report's file name, e.g. "
+                f"{os.path.join(out, 'selfcheck.json')}")
+    why = unwritable_reason(os.path.dirname(os.path.abspath(out)))
+    return f"--out {out}: {why}" if why else None
+
+
+def _read_cases(path):
+    """The ``--child`` cases file: ``[[index, record], ...]``; ``ValueError`` if unreadable."""
+    try:
+        with open(path) as f:
+            cases = json.load(f)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"--child {path}: cannot read the cases ({type(e).__name__}: "
+                         f"{getattr(e, 'strerror', None) or e})") from None
+    if not isinstance(cases, list) or not all(
+            isinstance(c, list) and len(c) == 2 and isinstance(c[1], dict)
+            and c[1].get("fn") in DISPATCHERS and isinstance(c[1].get("args"), list)
+            for c in cases):
+        raise ValueError(f"--child {path}: not a list of [index, call record] pairs")
+    return cases
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m fastmix.selfcheck",
-                                 description=__doc__.split("\n\n")[0])
+    ap = _Parser(prog="python -m fastmix.selfcheck", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
     ap.add_argument("--out", default="selfcheck.json", help="the JSON report")
     ap.add_argument("--no-timing", action="store_true")
@@ -566,12 +636,24 @@ def main(argv=None):
     ap.add_argument("--child", metavar="CASES", help=argparse.SUPPRESS)
     ap.add_argument("--progress", metavar="FILE", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    cpu = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    problem = device_problem(device)
+    if not problem and args.out and not args.child:
+        problem = report_problem(args.out)
+    if not problem and args.child and not args.progress:
+        problem = "--child needs --progress FILE"
+    if problem:
+        ap.error(problem)
+    cpu = torch.device(device).type == "cpu"
     if cpu and "TRITON_INTERPRET" not in os.environ and "fastmix.kernels.mixed_ce" not in sys.modules:
         os.environ["TRITON_INTERPRET"] = "1"      # before the kernels are imported
     if args.child:
-        return _child(torch.device(args.device), args.child, args.progress)
-    report = run(args.device, args.out, timing=not args.no_timing, steps=not args.no_steps)
+        try:
+            _read_cases(args.child)
+        except ValueError as e:
+            ap.error(str(e))
+        return _child(torch.device(device), args.child, args.progress)
+    report = run(device, None, timing=not args.no_timing, steps=not args.no_steps)
     env = report["environment"]
     print(" ".join(f"{k}={v}" for k, v in env.items() if v is not None))
     for op, r in report["ops"].items():
@@ -587,6 +669,13 @@ def main(argv=None):
         print(f"{op:22s} " + (row if isinstance(row, str) else
                               "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
                                         for k, v in row.items())))
+    if args.out:
+        try:
+            write_report(report, args.out)
+        except OSError as e:                  # e.g. a full disk: the results above stand
+            print(f"{ap.prog}: error: cannot write the report {args.out}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
     print(f"report: {args.out}" if args.out else "", f"({report['elapsed_s']:.1f} s)")
     return 0 if report["ok"] else 1
 

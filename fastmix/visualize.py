@@ -31,8 +31,15 @@ def mix_grid(model, images, lam=0.5, index=None):
 
 
 def save_mix_grid(model, dataset, path, device, n=8, lam=0.5, channels_last=False):
-    """Save a PNG grid for the first ``n`` images of an ArrayDataset (λ written in the name)."""
+    """Save a PNG grid for the first ``n`` images of an ArrayDataset (λ written in the name).
+
+    Encoded in memory and written atomically (``fastmix.checkpoint.atomic_write``): a full disk
+    raises an OSError that names the cause and leaves no truncated PNG."""
+    import io
+
     from PIL import Image
+
+    from fastmix.checkpoint import atomic_write
     x = dataset.images[:n].float().to(device)
     mean = torch.tensor(dataset.mean, device=device).view(1, -1, 1, 1) * 255
     std = torch.tensor(dataset.std, device=device).view(1, -1, 1, 1) * 255
@@ -44,7 +51,9 @@ def save_mix_grid(model, dataset, path, device, n=8, lam=0.5, channels_last=Fals
     scale = max(1, 256 // x.shape[-1])
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     img = _with_header(img, ["image x_i", "partner x_j", "mask of x_j", f"mixed (lam={lam:g})"])
-    img.save(path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write(path, buf.getbuffer())
     return path
 
 

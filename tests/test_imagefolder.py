@@ -7,8 +7,11 @@ import collections
 import gzip
 import os
 import pickle
+import re
 import shutil
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -429,17 +432,28 @@ def test_pil_loader_mid_epoch_resume_is_exact(fm_root, tmp_path, monkeypatch):
 
 
 def _garbage_body_jpeg(path):
-    """Intact start (SOI + APP0 marker) and end (EOI) markers around a garbage body: passes
-    the cheap header check, fails to decode."""
+    """A real JPEG's header -- SOI up to and with the SOS segment, so its size reads (the
+    pre-scan's pixel limit parses it) -- less its quantization tables, then a garbage body and
+    an EOI marker: passes the cheap header check, and no decoder reads it (libjpeg-turbo:
+    "Quantization table 0x00 was not defined"; DALI falls back to no other decoder)."""
+    import io
     rng = np.random.default_rng(0)
-    path.write_bytes(b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    buf = io.BytesIO()
+    smooth_image().save(buf, format="JPEG", quality=90)
+    data, header, i = buf.getvalue(), bytearray(b"\xff\xd8"), 2
+    while True:                                  # the marker segments before the scan
+        marker, n = data[i:i + 2], int.from_bytes(data[i + 2:i + 4], "big")
+        if marker != b"\xff\xdb":                # DQT: dropped
+            header += data[i:i + 2 + n]
+        i += 2 + n
+        if marker == b"\xff\xda":                # SOS: the header ends with it
+            break
+    path.write_bytes(bytes(header) + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes()
                      + b"\xff\xd9")
 
 
 @pytest.mark.parametrize("kind", ["dali", "torchvision"])
 def test_garbage_body_jpeg_is_named_or_skipped(fm_root, tmp_path, kind):
-    import subprocess
-    import sys
     root = tmp_path / "root"
     shutil.copytree(fm_root, root)
     bad = root / "train" / "Bag" / "zz_garbage.jpg"
@@ -460,13 +474,110 @@ def test_garbage_body_jpeg_is_named_or_skipped(fm_root, tmp_path, kind):
     assert "skipped 1 unreadable image file" in r.stderr and "zz_garbage.jpg" in r.stderr
 
 
+def _small_tmpfs(path, size, read_only=False):
+    """Mount a real tmpfs of ``size`` at ``path`` (root only); False where that is not allowed."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{'ro,' if read_only else ''}size={size}",
+                        "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def _idx_source(folder, n):
+    """Fashion-MNIST's IDX files with ``n`` random 28 x 28 images per split."""
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        write_idx(str(folder), prefix, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+                  np.arange(n, dtype=np.uint8) % 10)
+    return str(folder)
+
+
+def _export(capsys, *args):
+    """``(exit status, stderr)`` of the export tool's ``main``."""
+    try:
+        code = fexport.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _one_line(err):
+    return err.count("\n") == 1 and err.startswith("export: error: ") and "Traceback" not in err
+
+
 def test_export_tool_refuses_a_bad_out(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     for out in (blocker, blocker / "sub"):
-        with pytest.raises(SystemExit) as e:
-            fexport.main(["--dataset", "fashion-mnist", "--out", str(out), "--limit", "10"])
-        assert e.value.code == 2 and "is a file" in capsys.readouterr().err
+        code, err = _export(capsys, "--dataset", "fashion-mnist", "--out", str(out),
+                            "--limit", "10")
+        assert code == 2 and "is a file" in err and _one_line(err)
+    ro = tmp_path / "ro"
+    if _small_tmpfs(ro, "64k", read_only=True):   # unwritable, even for root
+        try:
+            code, err = _export(capsys, "--dataset", "fashion-mnist", "--out", str(ro / "x"))
+            assert code == 2 and f"{ro} is not writable" in err and _one_line(err)
+        finally:
+            subprocess.run(["umount", str(ro)])
+
+
+def test_export_tool_refuses_bad_inputs_in_one_line_before_writing(tmp_path, capsys):
+    """An unknown dataset, a --data-dir that is not a folder, an empty or a corrupt source
+    file: one line, exit status 2, and nothing written (both sources are read first)."""
+    src = _idx_source(tmp_path / "idx", 20)
+    out = tmp_path / "out"
+    base = ["--dataset", "fashion-mnist", "--out", str(out)]
+    code, err = _export(capsys, "--dataset", "mnist", "--out", str(out))
+    assert code == 2 and "invalid choice: 'mnist'" in err and _one_line(err)
+    code, err = _export(capsys, *base, "--data-dir", str(tmp_path / "nowhere"))
+    assert code == 2 and "nowhere: not a folder" in err and _one_line(err)
+    for name, data, needle in [("t10k-images-idx3-ubyte.gz", b"", "too short for an IDX header"),
+                               ("t10k-labels-idx1-ubyte.gz", b"\x1f\x8b\x08garbage",
+                                "cannot read")]:
+        bad = tmp_path / f"bad-{needle[:3]}"
+        shutil.copytree(src, bad)
+        (bad / name).write_bytes(data)             # the val split's file: read before any write
+        code, err = _export(capsys, *base, "--data-dir", str(bad))
+        assert code == 2 and needle in err and name in err and _one_line(err), err
+        assert not out.exists()
+    r = subprocess.run([sys.executable, "-m", "fastmix.data.export", *base, "--data-dir",
+                        str(tmp_path / "bad-too")], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert r.returncode == 2 and _one_line(r.stderr), r.stderr
+    assert fexport.main(base + ["--data-dir", src]) == 0          # the good source exports
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(d, f), folder): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(folder) for f in fs}
+
+
+def test_export_on_a_full_disk_names_the_file_and_leaves_out_as_it_was(tmp_path, capsys):
+    """A real ENOSPC (a 200 KiB tmpfs; each small JPEG takes a 4 KiB page): the error names
+    the file and the cause in one line, no partial split and no temporary folder is left, and
+    a failed --overwrite keeps the earlier export whole."""
+    src = _idx_source(tmp_path / "idx", 100)
+    disk = tmp_path / "disk"
+    if not _small_tmpfs(disk, "200k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        out = disk / "fm"
+        base = ["--dataset", "fashion-mnist", "--data-dir", src, "--out", str(out)]
+        code, err = _export(capsys, *base, "--limit", "100")        # 200 files: 800 KiB
+        assert code == 2 and _one_line(err), err
+        assert re.search(r"cannot write .*/fm/(train|val)/[^/]+/\d+\.jpg: No space left on device",
+                         err), err
+        assert os.listdir(disk) == []                               # as it was: nothing
+        assert _export(capsys, *base, "--limit", "10")[0] == 0       # fits: 20 files
+        before = _tree(out)
+        assert len(before) == 20
+        code, err = _export(capsys, *base, "--limit", "100", "--overwrite")
+        assert code == 2 and "No space left on device" in err and _one_line(err)
+        assert _tree(out) == before and sorted(os.listdir(out)) == ["train", "val"]
+        assert _export(capsys, *base, "--limit", "11", "--overwrite")[0] == 0
+        after = _tree(out)
+        assert len(after) == 22 and sorted(os.listdir(out)) == ["train", "val"]
+    finally:
+        subprocess.run(["umount", str(disk)])
 
 
 @pytest.mark.skipif(__import__("fastmix.data.imagefolder", fromlist=["x"]).torchvision_io_available()[0],

@@ -186,7 +186,7 @@ def test_an_ema_head_for_any_method():
     model.eval()
     out = model.predict(x)
     assert set(out) == {"cls", "ema"}
-    backbone, head = model.inference_model()
+    backbone, head = model.head_modules()
     assert backbone is model.ema_backbone and head is model.ema_head
     assert model.ema_momentum_at(0, 10) == 0.5
     assert Classifier(build_backbone("resnet_small", 3), K, M.Mixup()).ema_momentum_at(0, 1) is None
@@ -210,3 +210,78 @@ def test_per_sample_lambda_trains_through_the_trainer(tmp_path, mode):
     assert summary["epochs"] == 1 and set(summary["final_top1"]) == {"cls", "ema"}
     with pytest.raises(ValueError, match="per batch only"):
         config.validate_config(config.Config(method="fmix", mix_mode="elem"))
+
+
+# ---- model(x) and inference_model() (issue: reliability, round three) -----------------------
+def _inference_models():
+    """A baseline Classifier, one with an EMA head (the default head then) and an AutoMix,
+    after one training step (so the heads and the EMA copies differ)."""
+    torch.manual_seed(0)
+    models = [Classifier(build_backbone("resnet_small", 3), K, M.Mixup(seed=0)),
+              Classifier(build_backbone("resnet_small", 3), K, M.CutMix(seed=0),
+                         ema=dict(momentum=0.5)),
+              M.AutoMix(build_backbone("resnet_small", 3), K, seed=0)]
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, K, (4,))
+    for model in models:
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        loss, logs = model(x, y)                  # model(x, y) is still the training step
+        assert loss.dim() == 0 and ("loss_cls" in logs or "loss_mix_q" in logs)
+        loss.backward()
+        opt.step()
+        model.after_step(0, 10)
+    return models
+
+
+def test_model_of_images_alone_is_the_inference_heads_logits():
+    x = torch.randn(5, 3, 16, 16)
+    for model in _inference_models():
+        model.eval()
+        out = model(x)                            # was: TypeError, forward() wants y
+        want = model.predict(x)[model.default_head]
+        assert out.shape == (5, K) and torch.equal(out, want), type(model).__name__
+        for head in model.head_names:
+            assert torch.equal(model.head_logits(x, head), model.predict(x)[head]), head
+
+
+def test_inference_model_is_a_module_giving_the_heads_logits():
+    x = torch.randn(5, 3, 16, 16)
+    for model in _inference_models():
+        model.train()
+        for head in model.head_names:
+            net = model.inference_model(head)
+            assert isinstance(net, torch.nn.Module) and isinstance(net, M.InferenceModel)
+            assert net.head_name == head and not net.training and model.training
+            assert all(not m.training for m in net.modules())
+            want = copy.deepcopy(model).eval().predict(x)[head]
+            assert torch.equal(net(x), want), (type(model).__name__, head)
+        net = model.inference_model()
+        assert net.head_name == model.default_head
+        backbone, head = net                      # the tuple of earlier versions still unpacks
+        assert backbone is net.backbone and head is net.head
+        # a copy: training the model on does not move the deployed module, nor its mode the model's
+        before = net(x)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        assert torch.equal(net(x), before)
+        with pytest.raises(ValueError, match="head must be one of"):
+            model.inference_model("nope")
+
+
+def test_no_repeat_shuffle_with_a_batch_of_one_is_refused():
+    """No permutation of one sample without fixed points exists: AutoMix's
+    mix_shuffle_no_repeat with a batch of one is refused (it used to mix each sample with
+    itself), from the config before any work and from a step."""
+    cfg = config.Config(method="automix", batch_size=1, mix_shuffle_no_repeat=True)
+    assert "needs --batch-size of at least 2" in " ".join(M.AutoMix.config_problems(cfg))
+    assert M.AutoMix.config_problems(config.Config(batch_size=2, mix_shuffle_no_repeat=True)) == []
+    assert M.AutoMix.config_problems(config.Config(batch_size=1)) == []
+    assert M.Mixup.config_problems(cfg) == []
+    with pytest.raises(ValueError, match="needs --batch-size of at least 2"):
+        M.AutoMix.build(cfg, build_backbone("resnet_small", 3), K, 2.0)
+    model = M.AutoMix(build_backbone("resnet_small", 3), K, seed=0, mix_shuffle_no_repeat=True)
+    x, y = torch.randn(1, 3, 16, 16), torch.randint(0, K, (1,))
+    with pytest.raises(ValueError, match="without fixed points of 1 element does not exist"):
+        model.forward_train(x, y)
+    loss, _ = model.forward_train(torch.randn(2, 3, 16, 16), torch.randint(0, K, (2,)))
+    assert torch.isfinite(loss)

@@ -369,3 +369,14 @@ def test_disabled_and_zero_alpha_leave_the_batch():
     assert (np.random.get_state()[1] == state).all()      # nothing drawn
     with pytest.raises(ValueError, match="alpha must be positive"):
         MixUp(alpha=0.0)          # as torchvision's v2.MixUp; timm's Mixup takes 0 as "off"
+
+
+def test_a_permutation_without_fixed_points_of_one_element_is_refused():
+    """None exists: ``no_fixed_points=True`` with n = 1 used to return [0] (the one sample
+    mixed with itself); it raises instead. n = 0 and n >= 2 are fine, and a plain
+    permutation of one element is still [0]."""
+    with pytest.raises(ValueError, match="without fixed points of 1 element does not exist"):
+        random_permutation(1, "cpu", no_fixed_points=True)
+    assert random_permutation(1, "cpu").tolist() == [0]
+    assert random_permutation(0, "cpu", no_fixed_points=True).tolist() == []
+    assert random_permutation(2, "cpu", no_fixed_points=True).tolist() == [1, 0]

@@ -339,7 +339,7 @@ def test_a_new_run_never_destroys_an_earlier_one(tmp_path):
 
 
 @pytest.mark.parametrize("change,needle", [(["--batch-size", "20"], "batch_size 40 -> 20"),
-                                           (["--epochs", "3"], "epochs 2 -> 3"),
+                                           (["--weight-decay", "0.001"], "weight_decay "),
                                            (["--lr", "0.2"], "lr ")])
 def test_resume_refuses_another_configuration(tmp_path, change, needle):
     out = str(tmp_path / "o")
@@ -399,7 +399,7 @@ def test_killed_checkpoint_write_leaves_no_temporary_behind(tmp_path):
     assert [f for f in os.listdir(out) if f.startswith(".tmp-last.pt")]
     r = run_cli(args + ["--resume"])
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "left by an interrupted checkpoint write" in r.stderr
+    assert "left by an interrupted write" in r.stderr
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
 
 
@@ -568,3 +568,405 @@ def test_an_index_is_range_checked_again_only_after_it_changes():
         check_index("w", w, 1, cpu, "x", high=3)
     with pytest.raises(IndexError):
         check_index("w", w, 1, cpu, "x", high=3)
+
+
+# ---- round three: two runs in one folder, full disks, signals, one-line errors -----------------
+# (issue: reliability, round three). Small runs: 32-image batches of resnet_small, mixup.
+SMALL = ["--dataset", "synthetic", "--arch", "resnet_small", "--method", "mixup", "--batch-size",
+         "32", "--test-subset", "64", "--device", "cpu", "--no-progress", "--channels-last",
+         "false"]
+
+
+def _wait_for(predicate, proc, timeout=120, what="the run", every=0.05):
+    """Poll ``predicate()`` until true; fail if ``proc`` ends first or time runs out."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"{what} ended (exit {proc.returncode}) before it was ready")
+        time.sleep(every)
+    raise AssertionError(f"{what} was not ready within {timeout} s")
+
+
+def _records(path):
+    """metrics.jsonl parsed; every line must be a whole JSON object (none cut short)."""
+    text = open(path).read()
+    assert text.endswith("\n"), "metrics.jsonl ends in a partial line"
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def _epochs_logged(out):
+    """Lines in OUT/metrics.jsonl (written whole each epoch: never a partial one)."""
+    try:
+        return len((out / "metrics.jsonl").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _stripped(path):
+    return [{k: r[k] for k in ("epoch", "step", "losses", "top1")} for r in _records(path)]
+
+
+def test_two_runs_started_together_into_one_out_one_is_refused(tmp_path):
+    out = tmp_path / "o"
+    args = [sys.executable, "train.py", *SMALL, "--train-subset", "96", "--epochs", "2",
+            "--out", str(out)]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    time.sleep(0.05)
+    second = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    runs = {p.pid: (p, *p.communicate(timeout=300)) for p in (first, second)}
+    refused = [pid for pid, (p, _, err) in runs.items() if p.returncode == 2]
+    assert len(refused) == 1, {pid: (p.returncode, err[-1500:]) for pid, (p, _, err) in runs.items()}
+    winner = next(pid for pid in runs if pid not in refused)
+    p, _, err = runs[refused[0]]
+    last = err.strip().splitlines()[-1]
+    assert last == (f"error: --out {out} is in use by another run (pid {winner}, which holds "
+                    f"{out / '.lock'}): wait for it to end or stop it, or choose another --out")
+    assert "Traceback" not in err and "epoch 1/2" not in err       # refused before any work
+    assert runs[winner][0].returncode == 0, runs[winner][2][-2000:]
+    assert [r["epoch"] for r in _records(out / "metrics.jsonl")] == [1, 2]   # one run's epochs
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_overwrite_into_a_running_runs_out_is_refused_and_deletes_nothing(tmp_path):
+    """The running run is paused (SIGSTOP) once its first checkpoint is on disk, so that it
+    surely holds OUT while the second run, with --overwrite, is refused."""
+    out = tmp_path / "o"
+    common = SMALL + ["--train-subset", "64", "--out", str(out)]
+    running = subprocess.Popen([sys.executable, "train.py", *common, "--epochs", "2"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: (out / "last.pt").exists(), running)   # epoch 1 written
+        running.send_signal(signal.SIGSTOP)
+        before = {f: (out / f).read_bytes() for f in ("last.pt", "metrics.jsonl")}
+        r = run_cli(common + ["--epochs", "1", "--overwrite", "--lr", "0.3"], timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"error: --out {out} is in use by another run (pid {running.pid}, ")
+        assert {f: (out / f).read_bytes() for f in before} == before
+    finally:
+        running.send_signal(signal.SIGCONT)
+        _, err = running.communicate(timeout=300)
+    assert running.returncode == 0, err[-2000:]
+    assert [r["epoch"] for r in _records(out / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_killed_runs_lock_file_does_not_block_the_next_run(tmp_path):
+    out = tmp_path / "o"
+    common = SMALL + ["--train-subset", "64", "--epochs", "1", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "train.py", *common], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = out / ".lock"
+    _wait_for(lambda: lock.exists() and lock.read_text().strip() == str(proc.pid), proc)
+    proc.send_signal(signal.SIGKILL)        # the lock file stays, with the dead run's pid
+    proc.wait()
+    assert lock.read_text().strip() == str(proc.pid)
+    r = run_cli(common + ["--overwrite"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "in use" not in r.stderr
+
+
+def test_lock_out_refuses_a_second_holder_until_the_first_lets_go(tmp_path):
+    from fastmix.checkpoint import OutInUseError, lock_out
+    with lock_out(str(tmp_path)):
+        with pytest.raises(OutInUseError, match=rf"in use by another run \(pid {os.getpid()},"):
+            lock_out(str(tmp_path))          # another open file: flock refuses it
+    with lock_out(str(tmp_path)):            # released on leaving the block
+        pass
+
+
+def _fill(folder):
+    """Fill the file system of ``folder`` with a real file until a write fails (ENOSPC)."""
+    fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == 28
+    finally:
+        os.close(fd)
+
+
+def test_no_checkpoint_fits_the_disk_exit_4_and_the_summary_says_so(tmp_path):
+    """A tmpfs too small for one checkpoint (2.5 MB): every checkpoint write fails with a real
+    ENOSPC, named in the warning; metrics.jsonl and summary.json (small) are written whole;
+    the run finishes, but exits 4 with a last line saying nothing can resume it."""
+    out = tmp_path / "disk"
+    if not _small_tmpfs(out, "512k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        r = run_cli(SMALL + ["--train-subset", "64", "--epochs", "2", "--out", str(out)],
+                    timeout=180)
+        assert r.returncode == 4, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr and "unexpected pos" not in r.stderr
+        warning = (f"warning: could not write checkpoint {out / 'last.pt'} (No space left on "
+                   f"device (ENOSPC)); the previous checkpoint, if any, is intact")
+        assert r.stderr.count(warning) == 2, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: none of this run's 2 checkpoint writes succeeded (last: No space left on "
+            f"device (ENOSPC)): {out / 'last.pt'} is not this run's state and the run cannot be "
+            f"resumed")
+        assert json.loads(r.stdout)["method"] == "mixup"          # the results, still
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["checkpoint"] == {"path": str(out / "last.pt"), "written": 0, "failed": 2,
+                                         "last_error": "No space left on device (ENOSPC)"}
+        assert [r["epoch"] for r in _records(out / "metrics.jsonl")] == [1, 2]
+        assert not (out / "last.pt").exists()
+        assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+def test_disk_fills_mid_run_keeps_the_last_good_checkpoint_and_whole_files(tmp_path):
+    """A 3 MB tmpfs: epoch 1's checkpoint (2.5 MB) fits, epoch 2's and the export (1.3 MB) do
+    not (real ENOSPC); the run goes on, metrics.jsonl and summary.json are whole, exit 4 for
+    the missing export."""
+    out = tmp_path / "disk"
+    if not _small_tmpfs(out, "3m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        r = run_cli(SMALL + ["--train-subset", "64", "--epochs", "2", "--out", str(out),
+                             "--export", str(out / "model.pt")], timeout=180)
+        assert r.returncode == 4, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        assert (f"warning: could not write checkpoint {out / 'last.pt'} (No space left on "
+                f"device (ENOSPC))") in r.stderr
+        assert (f"warning: could not write the export {out / 'model.pt'} (No space left on "
+                f"device (ENOSPC))") in r.stderr
+        assert r.stderr.strip().splitlines()[-1] == (
+            f"error: the export {out / 'model.pt'} was not written (No space left on device "
+            f"(ENOSPC))")
+        assert load_checkpoint(str(out / "last.pt"))["epoch"] == 1     # the last good one
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["checkpoint"]["written"] == 1 and summary["checkpoint"]["failed"] == 1
+        assert summary["export_error"] == "No space left on device (ENOSPC)"
+        assert "exported_head" not in summary
+        assert [r["epoch"] for r in _records(out / "metrics.jsonl")] == [1, 2]
+        assert not (out / "model.pt").exists()
+        assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+def test_a_full_disk_from_the_start_every_file_warns_none_is_cut_short(tmp_path):
+    """Nothing fits (a filled tmpfs): metrics.jsonl, the mix grid PNG, the checkpoint, the
+    export and summary.json each fail with one warning naming the file and ENOSPC; no file is
+    left empty or cut short; the run finishes and exits 4, saying summary.json is missing."""
+    out = tmp_path / "disk"
+    if not _small_tmpfs(out, "256k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        _fill(out)
+        r = run_cli([a if a != "mixup" else "automix" for a in SMALL] +
+                    ["--train-subset", "64", "--epochs", "1", "--grid-every", "1", "--out",
+                     str(out), "--export", str(out / "model.pt")], timeout=180)
+        assert r.returncode == 4, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+        enospc = "(No space left on device (ENOSPC))"
+        for what, name in (("metrics", "metrics.jsonl"), ("the mix grid", "mix_epoch0001.png"),
+                           ("checkpoint", "last.pt"), ("the export", "model.pt"),
+                           ("the summary", "summary.json")):
+            assert f"warning: could not write {what} {out / name} {enospc}" in r.stderr, \
+                (name, r.stderr[-3000:])
+        assert r.stderr.strip().splitlines()[-1].startswith(
+            f"error: {out / 'summary.json'} was not written (No space left on device (ENOSPC))")
+        # nothing half-written: metrics.jsonl as the run began (no epoch yet), no temporaries
+        assert sorted(os.listdir(out)) == [".lock", "filler", "metrics.jsonl"]
+        assert (out / "metrics.jsonl").read_bytes() == b""
+    finally:
+        subprocess.run(["umount", str(out)])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference for the signal tests: the same run, never stopped (metrics and export)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    r = run_cli(SMALL + ["--train-subset", "128", "--epochs", "3", "--out", str(tmp / "o"),
+                         "--export", str(tmp / "model.pt")], timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return tmp / "o" / "metrics.jsonl", tmp / "model.pt"
+
+
+def _stop_and_resume(tmp_path, uninterrupted, signum, wait_for, extra=()):
+    """Start the run, wait until ``wait_for(out)``, send ``signum``; check the stop (exit code,
+    message, checkpoint); run the printed resume command; compare with the uninterrupted run."""
+    out = tmp_path / "o"
+    args = SMALL + ["--train-subset", "128", "--epochs", "3", "--out", str(out), "--export",
+                    str(tmp_path / "model.pt"), *extra]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: wait_for(out), proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    name = signal.Signals(signum).name
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert f"{name}: stopping after the current step, with a checkpoint" in err
+    last = err.strip().splitlines()[-1]
+    head = rf"stopped by {name} after step (\d+) of 12; checkpoint {out / 'last.pt'}; resume with: "
+    import re
+    m = re.match(head, last)
+    assert m, last
+    state = load_checkpoint(str(out / "last.pt"))
+    assert state["step"] == int(m.group(1)) < 12
+    assert not (out / "summary.json").exists() and not (tmp_path / "model.pt").exists()
+    import shlex
+    cmd = shlex.split(last[m.end():])
+    assert cmd[:2] == ["python", "train.py"] and cmd[-1] == "--resume" and str(out) in cmd
+    r = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    metrics, model = uninterrupted
+    assert _stripped(out / "metrics.jsonl") == _stripped(metrics)
+    a, b = torch.load(model), torch.load(tmp_path / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return state
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_resumes_exactly(tmp_path,
+                                                                            uninterrupted):
+    # after epoch 1 is logged: the stop lands in epoch 2 (or at its start)
+    state = _stop_and_resume(tmp_path, uninterrupted, signal.SIGTERM,
+                             lambda out: _epochs_logged(out) >= 1)
+    assert state["epoch"] == 1
+
+
+def test_sigint_stops_mid_epoch_with_a_checkpoint_and_resumes_exactly(tmp_path, uninterrupted):
+    # Ctrl-C once the first mid-epoch checkpoint (step 2 of epoch 1) is on disk: the stop's
+    # checkpoint is at step 3, or 4, the epoch's last (the resumed run then only evaluates it)
+    state = _stop_and_resume(tmp_path, uninterrupted, signal.SIGINT,
+                             lambda out: (out / "last.pt").exists(), ["--checkpoint-every", "2"])
+    assert state["epoch"] == 0 and state["batch"] > 2
+
+
+def test_a_second_sigterm_stops_at_once(tmp_path):
+    """The second SIGTERM comes while the first one's step is still running (128-image steps;
+    the first one's message is polled for every 5 ms): the process ends at once, by the
+    signal's default action."""
+    out = tmp_path / "o"
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, "train.py", *SMALL, "--batch-size", "128",
+                                 "--train-subset", "384", "--epochs", "2", "--out", str(out)],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+    _wait_for(lambda: _epochs_logged(out) >= 1, proc)
+    proc.send_signal(signal.SIGTERM)
+    _wait_for(lambda: "SIGTERM: stopping after the current step" in err_path.read_text(), proc,
+              timeout=30, what="the first SIGTERM's handling", every=0.005)
+    t = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert time.time() - t < 5
+    assert proc.returncode == -signal.SIGTERM     # the default action: no step finished first
+    assert "Traceback" not in err_path.read_text()
+    # the kernel released the lock: the next run goes ahead
+    r = run_cli(SMALL + ["--train-subset", "64", "--epochs", "1", "--out", str(out),
+                         "--overwrite"], timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_out_of_memory_is_one_line_naming_the_batch_size(tmp_path):
+    """A real allocation failure: the address space capped at this interpreter's baseline +
+    1.5 GB, far below what a 4096-image batch needs."""
+    import resource
+    probe = subprocess.run([sys.executable, "-c", "import train; print([l.split()[1] for l in "
+                            "open('/proc/self/status') if l.startswith('VmPeak')][0])"],
+                           cwd=ROOT, capture_output=True, text=True)
+    limit = int(probe.stdout.split()[-1]) * 1024 + 1536 * 2**20
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    r = subprocess.run([sys.executable, "train.py", *SMALL, "--batch-size", "4096",
+                        "--train-subset", "4096", "--epochs", "1", "--out", str(tmp_path / "o")],
+                       cwd=ROOT, capture_output=True, text=True, preexec_fn=cap, timeout=180)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of memory (") and "lower --batch-size (now 4096" in last
+    assert "enforce fail" not in last
+
+
+def test_out_of_memory_message_for_each_kind_and_not_for_other_errors():
+    import train as train_cli
+    cfg = Config(batch_size=96)
+    cuda = train_cli.out_of_memory_message(torch.OutOfMemoryError(
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 80 GiB\n"
+        "of which 1 GiB is free."), cfg)
+    assert cuda.startswith("error: out of memory (OutOfMemoryError: CUDA out of memory. Tried "
+                           "to allocate 2.00 GiB") and "(now 96" in cuda and "free the GPU" in cuda
+    assert "\n" not in cuda
+    assert "(MemoryError)" in train_cli.out_of_memory_message(MemoryError(), cfg)
+    assert train_cli.out_of_memory_message(RuntimeError("shapes cannot be multiplied"), cfg) is None
+
+
+@pytest.mark.parametrize("content,reason", [
+    (b"", "the file is empty (0 bytes)"),
+    ("truncated", "PytorchStreamReader failed reading zip archive"),
+    (os.urandom(4096), "UnpicklingError: "),
+])
+def test_a_bad_init_weights_file_is_one_line_with_the_real_reason(tmp_path, content, reason):
+    path = tmp_path / "w.pt"
+    if content == "truncated":
+        torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, path)
+        content = path.read_bytes()[:3000]
+    path.write_bytes(content)
+    r = run_cli([a if a != "resnet_small" else "resnet18" for a in SMALL] +
+                ["--epochs", "1", "--init-weights", str(path), "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: --init-weights {path} is not a loadable state dict "
+                               f"(truncated, corrupt, or not a torch.save file): ")
+    assert reason in lines[0]
+    assert "weights_only" not in lines[0] and "Re-running" not in lines[0]
+    assert not (tmp_path / "o").exists()                  # refused before any data or folder
+
+
+@pytest.mark.parametrize("device", ["cuda:7", "cuda:x", "meta"])
+def test_a_bad_device_is_one_line_before_any_work(tmp_path, device):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    r = run_cli(SMALL + ["--epochs", "1", "--device", device, "--out", str(tmp_path / "o")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --device ") and device in lines[0], lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_logged_sums_are_the_same_read_saved_or_resumed_mid_epoch():
+    """The epoch's logged means must not depend on when the sums were read (log_every), saved
+    (a mid-epoch checkpoint) or resumed: the additions stay in step order. Values whose float32
+    sum depends on the grouping."""
+    from fastmix.engine import LoggedSums
+    cpu, ok = torch.device("cpu"), torch.tensor(True)
+    values = [1e8, 3.0, -1e8, 5.0, 7.0, 1e-3, 11.0]
+
+    def run(read_at=(), stop_at=None):
+        logged = LoggedSums(cpu)
+        for i, v in enumerate(values):
+            if i == stop_at:                 # a checkpoint, then a new process resumes from it
+                logged = LoggedSums(cpu, logged.partial())
+            logged.add({"loss": torch.tensor(v), "finite_steps": ok}, ok)
+            if i in read_at:
+                logged.merged()
+        return logged.means()
+
+    plain = run()
+    assert plain == run(read_at=(1, 3)) == run(stop_at=2) == run(read_at=(0,), stop_at=4)
+    total = torch.tensor(0.0)
+    for v in values:                         # float32, one addition a step
+        total = total + torch.tensor(v)
+    assert plain["loss"] == float(total) / len(values)
+
+
+def test_the_resume_hint_keeps_the_command_and_resumes_from_out():
+    import train as train_cli
+    assert train_cli.resume_command(["--epochs", "3", "--resume", "old/x.pt", "--out", "a b",
+                                     "--overwrite", "--lr", "0.1"]) == \
+        "python train.py --epochs 3 --out 'a b' --lr 0.1 --resume"
+    assert train_cli.resume_command(["--resume=o/last.pt", "--out", "o", "--resume"]) == \
+        "python train.py --out o --resume"

@@ -163,3 +163,77 @@ def test_selfcheck_on_cuda(tmp_path):
     report = selfcheck.run(torch.device("cuda"), str(tmp_path / "sc.json"))
     assert report["ok"], json.dumps(report, default=str)[:4000]
     assert all("fused_ms" in row for row in report["timing"].values())
+
+
+# ---- the command line refuses bad arguments before any work (reliability, round three) ------
+def _small_tmpfs(path, size, read_only=False):
+    """Mount a real tmpfs of ``size`` at ``path`` (root only); False where that is not allowed."""
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"{'ro,' if read_only else ''}size={size}",
+                        "tmpfs", str(path)], capture_output=True)
+    return r.returncode == 0
+
+
+def _cli(capsys, *args):
+    """``(exit status, stderr)`` of ``selfcheck.main``."""
+    try:
+        code = selfcheck.main(list(args))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_refuses_bad_arguments_in_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(selfcheck, "run", None)      # any work would fail with a TypeError
+    absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    (tmp_path / "empty.json").write_text("")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    cases = [(["--device", "tpu"], "--device 'tpu' is not a device name"),
+             (["--device", "cuda:x"], "is not a device name"),
+             (["--device", absent], f"--device {absent}: "),
+             (["--device", "cpu", "--out", str(tmp_path)], "is a folder: give the report's file"),
+             (["--device", "cpu", "--out", str(blocker / "r.json")], f"{blocker} is a file"),
+             (["--device", "cpu", "--child", str(tmp_path / "nope.json"), "--progress",
+               str(tmp_path / "p")], "cannot read the cases (FileNotFoundError"),
+             (["--device", "cpu", "--child", str(tmp_path / "empty.json"), "--progress",
+               str(tmp_path / "p")], "cannot read the cases (JSONDecodeError"),
+             (["--device", "cpu", "--child", str(tmp_path / "list.json"), "--progress",
+               str(tmp_path / "p")], "not a list of [index, call record] pairs"),
+             (["--device", "cpu", "--child", str(tmp_path / "list.json")], "needs --progress")]
+    ro = tmp_path / "ro"
+    mounted = _small_tmpfs(ro, "64k", read_only=True)
+    if mounted:                                     # unwritable, even for root
+        cases.append((["--device", "cpu", "--out", str(ro / "r.json")], f"{ro} is not writable"))
+    try:
+        for args, needle in cases:
+            code, err = _cli(capsys, *args)
+            assert code == 2 and needle in err, (args, err)
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ro)])
+    r = subprocess.run([sys.executable, "-m", "fastmix.selfcheck", "--device", "nope"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "--device 'nope' is not a device name" in r.stderr
+
+
+def test_the_report_is_written_atomically_even_on_a_full_disk(tmp_path):
+    """A real ENOSPC (a 64 KiB tmpfs) while writing a report larger than the disk: the
+    previous report is left whole, no temporary file is left, and the OSError says why."""
+    disk = tmp_path / "disk"
+    if not _small_tmpfs(disk, "64k"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        path = disk / "sub" / "selfcheck.json"         # its folder is made
+        selfcheck.write_report({"ok": True, "worst": float("nan")}, str(path))
+        before = path.read_bytes()
+        assert json.loads(before)["ok"] is True
+        with pytest.raises(OSError) as e:
+            selfcheck.write_report({"ok": False, "big": "x" * 200_000}, str(path))
+        assert e.value.errno == 28 and path.read_bytes() == before
+        assert os.listdir(path.parent) == ["selfcheck.json"]
+    finally:
+        subprocess.run(["umount", str(disk)])

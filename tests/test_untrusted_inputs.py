@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import numpy as np
 import pytest
@@ -140,3 +141,79 @@ def test_val_file_linked_into_train_is_reported(tree):
     train = scan_imagefolder(str(tree), "train", quiet=True)
     val = scan_imagefolder(str(tree), "val", quiet=True)
     assert split_overlap(train[0], val[0]) == [os.path.realpath(tree / "val" / "a" / "0.png")]
+
+
+# ---- decompression bombs (issue: reliability, round three) ---------------------------------
+def _bomb_png(path, side=20000):
+    """A valid ``side`` x ``side`` 8-bit grey PNG of zeros, ~390 KB on disk (400 MB of pixels
+    decoded, 1.2 GB as RGB), made without holding its pixels: the IDAT stream is one
+    compressed block of 100 rows repeated (each ends with a full flush, so the blocks are
+    alike), closed by an empty final block and the stream's Adler-32."""
+    def chunk(tag, data):
+        return (struct.pack(">I", len(data)) + tag + data
+                + struct.pack(">I", zlib.crc32(tag + data)))
+    rows = b"\0" * ((side + 1) * 100)                 # filter byte 0 + a row of zeros, x 100
+    c = zlib.compressobj(9)
+    first = c.compress(rows) + c.flush(zlib.Z_FULL_FLUSH)
+    again = c.compress(rows) + c.flush(zlib.Z_FULL_FLUSH)
+    adler = 1
+    for _ in range(side // 100):
+        adler = zlib.adler32(rows, adler)
+    idat = first + again * (side // 100 - 1) + b"\x03\x00" + struct.pack(">I", adler)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return str(path)
+
+
+def test_the_bomb_png_is_real(tmp_path):
+    """The test file decodes to its full size: inflating the IDAT stream (in pieces, never
+    holding it) gives every row, and the stream's checksum holds."""
+    data = open(_bomb_png(tmp_path / "bomb.png"), "rb").read()
+    assert 300_000 < len(data) < 500_000
+    idat = data[data.index(b"IDAT") + 4:data.index(b"IEND") - 8]
+    d = zlib.decompressobj()
+    n = sum(len(d.decompress(idat[i:i + 65536])) for i in range(0, len(idat), 65536))
+    assert d.eof and n == 20001 * 20000          # eof: the Adler-32 was checked
+
+
+@pytest.mark.parametrize("loader,decoder", [("dali", "auto"), ("torchvision", "torchvision"),
+                                            ("torchvision", "pil")])
+def test_a_decompression_bomb_is_skipped_by_the_prescan_not_decoded(tree, capsys, loader,
+                                                                    decoder):
+    """A valid 20000 x 20000 PNG passes the signature and end-marker checks; without the pixel
+    limit DALI decodes it (2.2 GB) and PIL stops mid-epoch. The pre-scan reads its size from
+    the header, names it among the skipped files, and the loader trains on the others."""
+    from fastmix.data.imagefolder import MAX_IMAGE_PIXELS, build_imagefolder_loader
+    bomb = _bomb_png(tree / "train" / "a" / "bomb.png")
+    ld = build_imagefolder_loader(str(tree), "train", 2, True, loader=loader, decoder=decoder,
+                                  size=8, num_workers=1 if loader == "dali" else 0)
+    assert ld.name == loader and bomb not in ld.files and len(ld.files) == 4
+    assert [p for p, _ in ld.skipped] == [bomb]
+    reason = ld.skipped[0][1]
+    assert "20000 x 20000 = 400,000,000 pixels" in reason and f"{MAX_IMAGE_PIXELS:,}" in reason
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable image file(s) of 5" in err and "bomb.png" in err
+    for _ in range(2):                                  # two epochs over the 4 good images
+        batches = list(ld)
+        assert len(batches) == 2 and all(x.shape == (2, 3, 8, 8) for x, _ in batches)
+
+
+def test_the_pixel_limit_reads_headers_only_and_can_be_raised(tree):
+    from fastmix.data.imagefolder import check_image_file, open_image
+    bomb = _bomb_png(tree / "train" / "a" / "bomb.png")
+    with pytest.raises(Image.DecompressionBombError):   # what PIL's own open does with it
+        Image.open(bomb)
+    with open_image(bomb) as im:                        # header only, no PIL limit
+        assert im.size == (20000, 20000)
+    for mode in ("header", "full"):                     # refused before any decode
+        assert "over the limit" in check_image_file(bomb, mode)
+    for limit in (400_000_000, 0):                      # admitted (not decoded here)
+        scan = scan_imagefolder(str(tree), "train", quiet=True, max_image_pixels=limit)
+        assert bomb in scan.files and not scan.skipped
+    scan = scan_imagefolder(str(tree), "train", quiet=True, max_image_pixels=64)
+    assert {os.path.basename(p) for p, _ in scan.skipped} == {"bomb.png"}   # 8 x 8 = 64 kept
+    assert "8 x 8 = 64 pixels" in check_image_file(str(tree / "train" / "a" / "0.png"),
+                                                    max_pixels=63)
+    with pytest.raises(ValueError, match="max_image_pixels must be an int >= 0"):
+        scan_imagefolder(str(tree), "train", max_image_pixels=-1)

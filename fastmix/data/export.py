@@ -10,13 +10,23 @@ dataset's class names (characters outside ``[A-Za-z0-9._-]`` become ``_``, so Fa
 them to RGB. ``--limit N`` keeps at most N images per split, picked class-balanced (round
 robin over the classes in source order), so every class has an image whenever N >= the number
 of classes. An existing non-empty ``DIR/<split>`` is refused unless ``--overwrite`` (which
-deletes it first): stale files from an earlier export would otherwise mix in.
+replaces it): stale files from an earlier export would otherwise mix in.
+
+Safe to interrupt or to run out of disk: the arguments, ``DIR`` and both source splits are
+checked (and read) before anything is written; the images are written into a temporary folder
+``DIR/.export-*`` and each split folder is renamed into place only when all of it is written
+(an existing one, with ``--overwrite``, is replaced by the rename). A failure -- a full disk
+(named: the file and "No space left on device"), an unwritable folder, a corrupt source file
+-- leaves ``DIR`` as it was, prints one line and exits with status 2. (Only a kill -9 can
+leave a ``DIR/.export-*`` folder behind; the loaders never read it, delete it at will.)
 """
 import argparse
+import io
 import os
 import re
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -28,6 +38,12 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                    "truck")
 EXPORTABLE = ("fashion-mnist", "cifar10", "cifar100")
+STAGING_PREFIX = ".export-"
+
+
+class ExportError(RuntimeError):
+    """The export could not be written (a full disk, an unwritable folder); nothing was
+    exported."""
 
 
 def folder_name(name):
@@ -79,21 +95,40 @@ def balanced_indices(labels, limit):
     return np.sort(np.asarray(picked, dtype=np.int64))
 
 
-def write_split(ds, names, out_dir, limit=None, quality=90):
-    """Write one ArrayDataset as ``out_dir/<class>/<i>.jpg``; returns the number written."""
-    from PIL import Image
+def _class_folders(names):
     folders = [folder_name(n) for n in names]
     if len(set(folders)) != len(folders):
         raise DatasetError(f"class names collide as folder names: {folders}")
+    return folders
+
+
+def write_split(ds, names, out_dir, limit=None, quality=90, shown_as=None):
+    """Write one ArrayDataset as ``out_dir/<class>/<i>.jpg``; returns the number written.
+
+    A folder or file that cannot be written (a full disk, no permission) raises
+    :class:`ExportError` naming it (as ``shown_as/<class>/<i>.jpg`` when ``shown_as`` is
+    given: where it was going to be) and the cause."""
+    from PIL import Image
+    folders = _class_folders(names)
     labels = ds.labels.numpy()
     idx = balanced_indices(labels, limit)
-    for c in np.unique(labels[idx]):
-        os.makedirs(os.path.join(out_dir, folders[c]), exist_ok=True)
     images = ds.images.numpy()
-    for i in idx:
-        img = images[i]                      # uint8 [C, H, W]
-        img = Image.fromarray(img[0], "L") if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0), "RGB")
-        img.save(os.path.join(out_dir, folders[labels[i]], f"{i}.jpg"), quality=quality)
+    shown_as = shown_as or out_dir
+    try:
+        for c in np.unique(labels[idx]):
+            name = folders[c]
+            os.makedirs(os.path.join(out_dir, name), exist_ok=True)
+        for i in idx:
+            img = images[i]                      # uint8 [C, H, W]
+            img = Image.fromarray(img[0], "L") if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0), "RGB")
+            name = os.path.join(folders[labels[i]], f"{i}.jpg")
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=quality)
+            with open(os.path.join(out_dir, name), "wb") as f:
+                f.write(buf.getbuffer())
+    except OSError as e:
+        raise ExportError(f"cannot write {os.path.join(shown_as, name)}: "
+                          f"{e.strerror or e}") from e
     return len(idx)
 
 
@@ -109,28 +144,87 @@ def export(dataset, out, data_dir=None, limit=None, quality=90, overwrite=False)
     """Export ``dataset``'s train and test sets to ``out/train`` and ``out/val``.
 
     Returns ``{"train": n, "val": n}``. Raises DatasetError for a missing/bad source or a
-    non-empty target split folder without ``overwrite``.
+    non-empty target split folder without ``overwrite`` (both before anything is written),
+    :class:`ExportError` for a write that failed (a full disk: the file and the cause named).
+    Atomic per split (see the module doc): on any failure ``out`` is left as it was.
     """
     names = class_names(dataset, data_dir)
+    _class_folders(names)
     splits = {"train": True, "val": False}
     for split in splits:                      # refuse before writing anything
         d = os.path.join(out, split)
+        if os.path.lexists(d) and not os.path.isdir(d):
+            raise DatasetError(f"{d} exists and is not a folder; remove it or choose another --out")
         if os.path.isdir(d) and os.listdir(d) and not overwrite:
             raise DatasetError(f"{d} exists and is not empty; pass --overwrite to replace it")
-    counts = {}
-    for split, train in splits.items():
+    sources = {}
+    for split, train in splits.items():       # read and check both sources first
         ds = load_split(dataset, data_dir, train)
         if ds.num_classes != len(names):
             raise DatasetError(f"{dataset}: {ds.num_classes} classes but {len(names)} class names")
-        d = os.path.join(out, split)
-        if os.path.isdir(d) and overwrite:
-            shutil.rmtree(d)
-        counts[split] = write_split(ds, names, d, limit, quality)
+        sources[split] = ds
+    created = not os.path.exists(out)
+    staging = None
+    try:
+        try:
+            os.makedirs(out, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out)
+        except OSError as e:
+            raise ExportError(f"cannot create a folder in {out}: {e.strerror or e}") from e
+        try:
+            counts = {split: write_split(ds, names, os.path.join(staging, split), limit,
+                                         quality, shown_as=os.path.join(out, split))
+                      for split, ds in sources.items()}
+        except ExportError as e:
+            raise ExportError(f"{e}; nothing was exported (the partial export was removed, "
+                              f"{out} is as it was)") from e.__cause__
+        for split in splits:                  # each split appears whole, by one rename
+            _commit(os.path.join(staging, split), os.path.join(out, split),
+                    os.path.join(staging, "replaced-" + split))
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if created:
+            try:
+                os.rmdir(out)                 # the folder this call made, left empty
+            except OSError:
+                pass
+        raise
+    shutil.rmtree(staging, ignore_errors=True)  # only the replaced splits are left in it
     return counts
 
 
+def _commit(staged, d, old):
+    """Rename the written split folder ``staged`` to ``d``; an existing ``d`` (empty, or
+    replaced with --overwrite) is first moved to ``old`` and moved back if that fails."""
+    moved = False
+    try:
+        if os.path.lexists(d):
+            os.rename(d, old)
+            moved = True
+        os.rename(staged, d)
+    except OSError as e:
+        if moved:
+            try:
+                os.rename(old, d)
+            except OSError:
+                pass
+        raise ExportError(f"cannot move the written split into {d}: {e.strerror or e}") from e
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (exit status 2, as argparse's)."""
+
+    def error(self, message):
+        print(f"export: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line (see the module doc): 0 when written; 2, with one line on stderr, for
+    bad arguments (checked before any work), a missing or corrupt source, a failed write."""
+    p = _Parser(prog="python -m fastmix.data.export", description=__doc__,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, choices=EXPORTABLE)
     p.add_argument("--out", required=True, help="ImageFolder root to write (OUT/train, OUT/val)")
     p.add_argument("--data-dir", help="source folder (default: the dataset's default location)")
@@ -145,10 +239,12 @@ def main(argv=None):
     why = unwritable_reason(args.out)
     if why:
         p.error(f"--out {args.out}: {why}; give a writable folder (it gets train/ and val/)")
+    if args.data_dir is not None and not os.path.isdir(args.data_dir):
+        p.error(f"--data-dir {args.data_dir}: not a folder (it holds the {args.dataset} files)")
     try:
         counts = export(args.dataset, args.out, args.data_dir, args.limit, args.quality, args.overwrite)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (DatasetError, ExportError, ValueError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {counts['train']} train and {counts['val']} val images of {args.dataset} to {args.out}")
     return 0

@@ -10,8 +10,11 @@ Both loaders present :class:`fastmix.data.TensorLoader`'s interface: iteration y
   folders, a class folder with no images and train/val class lists that differ. It *skips and
   counts* (one log line naming the first few, and ``ScanResult.skipped``) files that would crash
   a decoder mid-epoch: zero-byte files, files whose bytes are not JPEG/PNG/BMP/WebP whatever
-  their name, and truncated files (see ``verify``). A file is dropped with its label, so no
-  image ever gets another's label; a class left with no valid image is refused.
+  their name, truncated files (see ``verify``), and images of more than ``max_image_pixels``
+  pixels (``MAX_IMAGE_PIXELS`` by default; the size is read from the header, nothing is
+  decoded: a 20000 x 20000 PNG of a few hundred KB would otherwise decode to gigabytes, in
+  DALI and the torchvision decoder alike). A file is dropped with its label, so no image ever
+  gets another's label; a class left with no valid image is refused.
 * :class:`DaliLoader`: ``fn.readers.file`` -> decode (``"mixed"``: nvJPEG on the GPU, or the CPU
   decoder) -> RandomResizedCrop + flip (train) or resize + centre crop (val) ->
   ``crop_mirror_normalize``. Everything decodes as RGB (grey, CMYK, palette and RGBA inputs
@@ -52,6 +55,7 @@ exact and the trainer's mid-epoch resume sees the batches of the uninterrupted r
 import io
 import math
 import os
+import struct
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,6 +72,10 @@ LOADERS = ("auto", "dali", "torchvision")
 DECODERS = ("auto", "pil", "torchvision")
 RRC_SCALE, RRC_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 FALLBACK_WARN_FIRST = 5   # CPU decode fallbacks named in a log line; later ones are only counted
+# The pre-scan's pixel limit (width x height), PIL's own Image.MAX_IMAGE_PIXELS default
+# (1024 ** 3 // 4 // 3: 256 MiB as 24-bit RGB); --max-image-pixels raises it, 0 = no limit.
+MAX_IMAGE_PIXELS = 89_478_485
+_PIL_FORMATS = {"jpeg": "JPEG", "png": "PNG", "bmp": "BMP", "webp": "WEBP"}
 
 
 def log(msg):
@@ -187,15 +195,69 @@ def _sniff(head):
     return None
 
 
-def check_image_file(path, mode="header"):
+def open_image(fp):
+    """``fp`` (a path or a binary file object) as a lazy PIL image of its sniffed format: only
+    the header is read (``.size``, ``.mode``); ``.load()`` or ``.convert()`` decode.
+
+    Unlike ``PIL.Image.open`` it does not apply PIL's own decompression-bomb check (a
+    ``DecompressionBombError`` above ``2 * Image.MAX_IMAGE_PIXELS``, a warning above it): the
+    pixel limit is the pre-scan's ``max_image_pixels``, the same for every loader and decoder,
+    so raising it admits a large image to the PIL decoder too. Raises
+    ``PIL.UnidentifiedImageError`` for a file that is not a JPEG, PNG, BMP or WebP image.
+    """
+    from PIL import Image, UnidentifiedImageError
+    path = isinstance(fp, (str, bytes, os.PathLike))
+    if path:
+        with open(fp, "rb") as f:
+            head = f.read(16)
+    else:
+        fp.seek(0)
+        head = fp.read(16)
+        fp.seek(0)
+    kind = _sniff(head)
+    name = os.fspath(fp) if path else getattr(fp, "name", "<bytes>")
+    if kind is None:
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}: not a JPEG, PNG, "
+                                     f"BMP or WebP file (starts with {head[:8]!r})")
+    fmt = _PIL_FORMATS[kind]
+    if fmt not in Image.OPEN:
+        Image.init()
+    if fmt not in Image.OPEN:        # a Pillow built without this format's plugin
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}: this Pillow cannot "
+                                     f"read {fmt}")
+    factory = Image.OPEN[fmt][0]
+    try:
+        return factory(fp) if path else factory(fp, name)
+    except (SyntaxError, IndexError, TypeError, struct.error) as e:   # PIL's "not my format"
+        raise UnidentifiedImageError(f"cannot identify image file {name!r}: {fmt} header: "
+                                     f"{e}") from None
+
+
+def check_max_pixels(max_pixels):
+    """``max_pixels`` if it is a valid pixel limit (an int >= 0; 0 = none), else ``ValueError``."""
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 0:
+        raise ValueError(f"max_image_pixels must be an int >= 0 (0: no limit), got "
+                         f"{max_pixels!r}")
+    return max_pixels
+
+
+def _too_many_pixels(w, h, max_pixels):
+    return (f"{w} x {h} = {w * h:,} pixels, over the limit of {max_pixels:,} (a decompression "
+            f"bomb? not decoded; --max-image-pixels raises the limit, 0 = none)")
+
+
+def check_image_file(path, mode="header", max_pixels=MAX_IMAGE_PIXELS):
     """``None`` if ``path`` looks decodable, else the reason it is not.
 
     Always: the size is not zero and the first bytes are a JPEG, PNG, BMP or WebP signature
-    (the decoders sniff the content, not the extension, so a PNG named .jpg is fine).
-    ``mode="header"`` (cheap: two small reads) also wants the format's end marker near the end
-    of the file (JPEG EOI, PNG IEND) or, for BMP and WebP, the file size the header declares;
-    a file that fails this is decoded in full with PIL to decide (so a valid JPEG with trailing
-    bytes after EOI is kept, a truncated one is dropped). ``mode="full"`` decodes every file.
+    (the decoders sniff the content, not the extension, so a PNG named .jpg is fine), and,
+    unless ``max_pixels`` is 0, the header parses (:func:`open_image`; nothing is decoded)
+    and gives a width x height of at most ``max_pixels``.
+    ``mode="header"`` (cheap: a few small reads) also wants the format's end marker near the
+    end of the file (JPEG EOI, PNG IEND) or, for BMP and WebP, the file size the header
+    declares; a file that fails this is decoded in full with PIL to decide (so a valid JPEG
+    with trailing bytes after EOI is kept, a truncated one is dropped). ``mode="full"``
+    decodes every file (within the pixel limit).
     """
     try:
         size = os.path.getsize(path)
@@ -206,6 +268,10 @@ def check_image_file(path, mode="header"):
             kind = _sniff(head)
             if kind is None:
                 return f"not a JPEG, PNG, BMP or WebP file (starts with {head[:8]!r})"
+            if max_pixels:
+                w, h = open_image(f).size      # the header only
+                if w * h > max_pixels:
+                    return _too_many_pixels(w, h, max_pixels)
             if mode != "full":
                 f.seek(max(0, size - 64))
                 tail = f.read()
@@ -217,8 +283,7 @@ def check_image_file(path, mode="header"):
                     return None
                 if kind == "webp" and int.from_bytes(head[4:8], "little") + 8 <= size:
                     return None
-        from PIL import Image
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im.load()   # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
         return None
     except Exception as e:  # any failure to read or decode means: do not train on it
@@ -226,7 +291,7 @@ def check_image_file(path, mode="header"):
 
 
 def scan_imagefolder(root, split, verify=True, check_splits=SPLITS, classes=None, subset=None,
-                     seed=0, workers=None, quiet=False):
+                     seed=0, workers=None, quiet=False, max_image_pixels=MAX_IMAGE_PIXELS):
     """List ``root/split/<class>/*`` images; returns ``ScanResult(files, labels, classes)``.
 
     Classes are the sub-folders of ``root/split`` sorted by name; label = index in that list.
@@ -240,8 +305,12 @@ def scan_imagefolder(root, split, verify=True, check_splits=SPLITS, classes=None
     one stat each) and, when ``verify`` is on, undecodable files -- ``verify=True`` or
     ``"header"``: the cheap check of :func:`check_image_file`; ``"full"``: decode every file
     with PIL; ``False``: no content check (a bad file then stops training with an error).
+    With a content check, images of more than ``max_image_pixels`` pixels (width x height from
+    the header, never decoded; default ``MAX_IMAGE_PIXELS``, 0 = no limit) are skipped too;
+    ``verify=False`` reads no file's content, so it applies no pixel limit either.
     ``subset=n`` keeps a random (``seed``) n files, picked before the content check.
     """
+    check_max_pixels(max_image_pixels)
     if not root:
         raise DatasetError(f"ImageFolder needs a root folder (--data-dir ROOT): ROOT/{split}/"
                            f"<class>/<image files>")
@@ -307,10 +376,11 @@ def scan_imagefolder(root, split, verify=True, check_splits=SPLITS, classes=None
     else:
         workers = workers or min(32, 4 * (os.cpu_count() or 1))
         if len(files) < 256 or workers == 1:
-            reasons = [check_image_file(f, mode) for f in files]
+            reasons = [check_image_file(f, mode, max_image_pixels) for f in files]
         else:  # I/O bound (and PIL decodes without the GIL): threads
             with ThreadPoolExecutor(workers) as pool:
-                reasons = list(pool.map(lambda f: check_image_file(f, mode), files, chunksize=64))
+                reasons = list(pool.map(lambda f: check_image_file(f, mode, max_image_pixels),
+                                        files, chunksize=64))
     if any(reasons):
         kept = [i for i, r in enumerate(reasons) if r is None]
         skipped = [(f, r) for f, r in zip(files, reasons) if r is not None]
@@ -661,8 +731,7 @@ class ImageFileDataset(torch.utils.data.Dataset):
         path = self.files[index]
         try:
             if self.decoder == "pil":
-                from PIL import Image
-                with Image.open(path) as im:
+                with open_image(path) as im:
                     img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB
             else:
                 img = decode_file(path)
@@ -677,10 +746,9 @@ class ImageFileDataset(torch.utils.data.Dataset):
     def load_raw(self, index):
         """``(file bytes as a uint8 tensor, geometry)`` without decoding the pixels (the size
         comes from the header)."""
-        from PIL import Image
         path = self.files[index]
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 w, h = im.size
         except Exception as e:
             raise self._error(index, e) from e
@@ -737,8 +805,7 @@ def decode_file(path, data=None):
         with open(path, "rb") as f:
             data = torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
     if _is_bmp(bytes(data[:2].tolist())):
-        from PIL import Image
-        with Image.open(path) as im:
+        with open_image(path) as im:
             return torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
     return decode_image(data, mode=ImageReadMode.RGB)
 
@@ -760,8 +827,7 @@ def decode_file_fallback(path, data=None):
         return decode_file(path, data), "torchvision.io on the CPU"
     except Exception:
         pass
-    from PIL import Image
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as im:
+    with open_image(io.BytesIO(data.numpy().tobytes())) as im:
         img = im.convert("RGB")   # grey, CMYK, palette, RGBA -> RGB, as decoder="pil"
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1), "PIL on the CPU"
 
@@ -929,7 +995,8 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
                              size=224, shard=(0, 1), seed=0, dtype=torch.float32,
                              channels_last=None, num_workers=None, verify=True, subset=None,
                              classes=None, mean=IMAGENET_MEAN, std=IMAGENET_STD, quiet=False,
-                             decoder="auto", pipeline="imagenet"):
+                             decoder="auto", pipeline="imagenet",
+                             max_image_pixels=MAX_IMAGE_PIXELS):
     """A DALI or DataLoader loader over ``root/split``; logs one line saying which runs and why.
 
     ``loader="auto"``: DALI when it imports and its pipeline builds, else the DataLoader
@@ -937,7 +1004,9 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
     loader, decoding with ``decoder`` (``"auto"``: ``torchvision.io`` when torchvision imports,
     else PIL; see :class:`TorchvisionLoader`). An explicit ``decoder`` with ``loader="dali"``
     is refused (DALI decodes itself). ``classes``: the class list the split must have (pass the train loader's ``classes`` when
-    building the val loader). Dataset problems raise :class:`DatasetError` before any training.
+    building the val loader). ``max_image_pixels``: the pre-scan's pixel limit (see
+    :func:`scan_imagefolder`; 0 = none). Dataset problems raise :class:`DatasetError` before
+    any training.
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
@@ -949,8 +1018,9 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
         raise ImportError(f"--decoder torchvision: torchvision does not import "
                           f"({torchvision_io_available()[1]}); install torchvision matching this "
                           f"torch, or use --decoder pil")
+    check_max_pixels(max_image_pixels)
     scan = scan_imagefolder(root, split, verify=verify, classes=classes, subset=subset, seed=seed,
-                            quiet=quiet)
+                            quiet=quiet, max_image_pixels=max_image_pixels)
     kw = dict(size=size, device=device, shard=shard, seed=seed, dtype=dtype,
               channels_last=channels_last, num_workers=num_workers, mean=mean, std=std, scan=scan,
               pipeline=pipeline)

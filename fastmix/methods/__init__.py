@@ -2,7 +2,8 @@
 
 - ``base``: ``MixMethod`` (what the trainer drives), ``Mixer`` (a model-free mixing policy,
   callable as ``mixer(x, y) -> (x_mixed, soft targets)``), ``Classifier`` (a backbone + head
-  trained with a mixer, with an optional EMA), ``ema_update_``;
+  trained with a mixer, with an optional EMA), ``InferenceModel`` (one trained head as a
+  plain module, ``inference_model()``), ``ema_update_``;
 - ``mixup``: ``Vanilla``, ``Mixup``, ``CutMix``;
 - ``cutting``: ``SaliencyMix``, ``FMix``, ``ResizeMix``, ``GridMix``, ``SmoothMix``;
 - ``manifoldmix``: ``ManifoldMix``; ``puzzlemix``: ``PuzzleMix``;
@@ -12,7 +13,8 @@
 carries its facts (``default_alpha``, ``capturable``, ``needs``, ``recipe``, ``draws_lam``),
 which ``fastmix.config`` and ``fastmix.engine`` read.
 """
-from fastmix.methods.base import Classifier, MixMethod, Mixer, ema_update_, soft_targets
+from fastmix.methods.base import (Classifier, InferenceModel, MixMethod, Mixer, ema_update_,
+                                  soft_targets)
 from fastmix.methods.mixup import CutMix, Mixup, Vanilla
 from fastmix.methods.cutting import FMix, GridMix, ResizeMix, SaliencyMix, SmoothMix
 from fastmix.methods.manifoldmix import ManifoldMix
@@ -44,6 +46,7 @@ def facts(name):
 
 
 __all__ = ["METHODS", "MIXERS", "method_class", "facts", "MixMethod", "Mixer", "Classifier",
+           "InferenceModel",
            "ema_update_", "soft_targets", "AutoMix", "MixBlock", "Vanilla", "Mixup", "CutMix",
            "ManifoldMix", "SaliencyMix", "FMix", "ResizeMix", "GridMix", "SmoothMix",
            "PuzzleMix"]

@@ -48,10 +48,13 @@ class AutoMix(MixMethod):
     ``ema_momentum`` -> ``ema_end``: the momentum encoder's cosine schedule after a linear
     ``ema_warmup`` fraction; ``mask_loss_*``: the Mix Block's mask loss; ``lam_margin``: the
     backbone sample is Mixup when λ is within it of 0 or 1; ``lam_concat``: the λ channel of
-    the ImageNet configs; ``upsample``: the mask's upsampling; ``seed``: the host λ draws;
+    the ImageNet configs; ``upsample``: the mask's upsampling; ``mix_shuffle_no_repeat``:
+    permutations without fixed points (a batch of one sample then raises ``ValueError``: no
+    such permutation exists); ``seed``: the host λ draws;
     ``fused``: the Triton kernels (None: on CUDA). ``forward_train(x, y) -> (loss, logs)``
-    is one step's loss; ``after_step`` moves the momentum encoder; ``predict(x)`` gives all
-    four heads; ``mix(x, y)`` the Mix Block's mixed batch."""
+    (also ``model(x, y)``) is one step's loss; ``after_step`` moves the momentum encoder;
+    ``predict(x)`` gives all four heads, ``model(x)`` the ``one_k`` head's logits;
+    ``mix(x, y)`` the Mix Block's mixed batch."""
     name = "automix"
     default_alpha = 2.0
     needs = ("tap",)
@@ -60,8 +63,22 @@ class AutoMix(MixMethod):
     head_names = HEADS
 
     @classmethod
+    def config_problems(cls, cfg):
+        """``--mix-shuffle-no-repeat true`` with ``--batch-size 1``: no permutation of one
+        sample without fixed points exists (it would be mixed with itself)."""
+        if cfg.mix_shuffle_no_repeat and cfg.batch_size < 2:
+            return [f"--mix-shuffle-no-repeat true needs --batch-size of at least 2 (got "
+                    f"{cfg.batch_size}): a permutation of one sample without fixed points does "
+                    f"not exist, so each sample would be mixed with itself"]
+        return []
+
+    @classmethod
     def build(cls, cfg, backbone, num_classes, alpha, seed=None, fused=None):
-        """The trainer's AutoMix from a ``fastmix.config.Config``."""
+        """The trainer's AutoMix from a ``fastmix.config.Config`` (``ValueError`` for settings
+        it cannot run with, :meth:`config_problems`)."""
+        problems = cls.config_problems(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
         return cls(backbone, num_classes, alpha=alpha, ema_momentum=cfg.ema_momentum,
                    ema_end=cfg.ema_end, ema_warmup=cfg.ema_warmup,
                    mask_loss_weight=cfg.mask_loss_weight,
@@ -242,9 +259,10 @@ class AutoMix(MixMethod):
         return {"one_k": self.head_one_k(f_k), "mix_k": self.head_mix_k(f_k),
                 "one_q": self.head_one_q(f_q), "mix_q": self.head_mix_q(f_q)}
 
-    def inference_model(self, head="one_k"):
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    def head_modules(self, head=None):
+        """``(encoder, head module)`` of ``head`` (default ``one_k``): the momentum encoder for
+        the ``_k`` heads, the online one for the ``_q`` heads."""
+        head = self._check_head(head)
         backbone = self.backbone_k if head.endswith("_k") else self.backbone_q
         return backbone, getattr(self, "head_" + head)
 

@@ -20,7 +20,8 @@ A method is an ``nn.Module`` with
   also takes every drawn value as a device tensor (``fastmix.step.StaticDraw``), which is
   how a CUDA graph replays the step with new draws;
 - ``predict(x) -> {head_name: logits}`` in eval mode; ``default_head`` names the one used for
-  inference;
+  inference; ``model(x)`` (no labels) is that head's logits, ``inference_model(head)`` a
+  standalone ``nn.Module`` of it (``InferenceModel``: encoder + head, ``forward(x) -> logits``);
 - ``set_progress(step, total_steps)``: called by the training step before ``draw``, with the
   0-based index of the step about to run; ``draw`` may turn it into host numbers (AutoMix's
   mask-loss weight schedule), so a CUDA graph gets them as tensors like every other draw;
@@ -75,6 +76,13 @@ class MethodFacts:
     recipe = "baseline"
     draws_lam = True
     modes = ("batch",)          # λ per batch; Mixup and CutMix also per sample (pair, elem)
+
+    @classmethod
+    def config_problems(cls, cfg):
+        """What this method cannot run with in ``cfg`` (a ``fastmix.config.Config``): a list of
+        messages naming the flags, empty when none. Reads only settings, so it can run before
+        any work (``build`` raises ``ValueError`` with them)."""
+        return []
 
 
 class HostDraws:
@@ -151,9 +159,30 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
         self.check_batch(x, y)
         return self.losses(x, y, self.draw(x))
 
-    def forward(self, x, y):
-        """``forward_train``: so DDP (which hooks ``forward``) wraps the training step."""
+    def forward(self, x, y=None):
+        """``model(x, y)``: ``forward_train`` (one step's ``(loss, logs)``), so DDP (which hooks
+        ``forward``) wraps the training step. ``model(x)``: the inference head's logits
+        (``default_head``: the values of ``predict(x)[default_head]`` in the same mode), with
+        autograd as the caller's context has it."""
+        if y is None:
+            return self.head_logits(x)
         return self.forward_train(x, y)
+
+    def head_modules(self, head=None):
+        """``(encoder, head module)`` computing ``head`` (default: ``default_head``): the
+        model's own modules, shared with training. ``ValueError`` for an unknown head."""
+        raise NotImplementedError
+
+    def _check_head(self, head):
+        head = head or self.default_head
+        if head not in self.head_names:
+            raise ValueError(f"head must be one of {self.head_names}, got {head!r}")
+        return head
+
+    def head_logits(self, x, head=None):
+        """Logits of ``head`` (default: ``default_head``) for images ``x``."""
+        encoder, module = self.head_modules(head)
+        return module(final_features(encoder(x)))
 
     def step_scalars(self, step, total_steps):
         """Host floats the after-step update needs at ``step`` (a dict; none by default)."""
@@ -177,9 +206,45 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
     def load_rng_state(self, state):
         self.rng.bit_generator.state = state
 
-    def inference_model(self):
-        """``(backbone, head)`` of the classifier to export or deploy."""
-        raise NotImplementedError
+    def inference_model(self, head=None):
+        """The classifier of ``head`` (default: ``default_head``) to export or deploy: an
+        :class:`InferenceModel` in eval mode holding copies of its encoder and head module, so
+        neither its mode nor later training changes the other. ``model.inference_model()(x)``
+        equals ``model.predict(x)[head]`` of the eval-mode model (and ``model(x)`` for the
+        default head)."""
+        head = self._check_head(head)
+        encoder, module = self.head_modules(head)
+        return InferenceModel(copy.deepcopy(encoder), copy.deepcopy(module), head).eval()
+
+
+def final_features(features):
+    """A backbone's output as the feature map its heads read: the last of a ``[tap, final]``
+    list (fastmix's backbones), or the output itself."""
+    return features[-1] if isinstance(features, (list, tuple)) else features
+
+
+class InferenceModel(nn.Module):
+    """One trained classifier of a method: ``head(final features of backbone(x))``.
+
+    ``forward(x) -> logits [N, K]``; ``head_name`` says which of the method's heads it is
+    (``"cls"``, ``"ema"``, AutoMix's ``"one_k"``...). Built by ``MixMethod.inference_model``
+    (copies, in eval mode). For callers written when ``inference_model`` returned a tuple,
+    ``backbone, head = model.inference_model()`` still unpacks to the two modules.
+    """
+
+    def __init__(self, backbone, head, head_name):
+        super().__init__()
+        self.backbone, self.head, self.head_name = backbone, head, head_name
+
+    def forward(self, x):
+        return self.head(final_features(self.backbone(x)))
+
+    def __iter__(self):
+        # the tuple the earlier ``inference_model()`` returned: ``backbone, head = ...``
+        return iter((self.backbone, self.head))
+
+    def extra_repr(self):
+        return f"head_name={self.head_name!r}"
 
 
 def soft_targets(y_a, y_b, lam, num_classes, label_smoothing=0.0):
@@ -484,10 +549,9 @@ class Classifier(MixMethod):
             out["ema"] = self.ema_head(self.ema_backbone(x)[-1])
         return out
 
-    def inference_model(self, head=None):
-        head = head or self.default_head
-        if head not in self.head_names:
-            raise ValueError(f"head must be one of {self.head_names}, got {head!r}")
+    def head_modules(self, head=None):
+        """``(backbone, head)`` of ``"cls"`` or ``(ema_backbone, ema_head)`` of ``"ema"``."""
+        head = self._check_head(head)
         return (self.ema_backbone, self.ema_head) if head == "ema" else (self.backbone, self.head)
 
     def extra_repr(self):
