@@ -129,32 +129,6 @@ def test_another_command_line_is_refused(grid):
     assert r.returncode != 0 and "another command line" in r.stderr
 
 
-def test_killed_study_resumes_from_the_checkpoint(tmp_path):
-    """SIGKILL the study (and its training run) after the first epoch's checkpoint; rerun."""
-    args = ["--methods", "vanilla", "--seeds", "0", "--epochs", "4"]
-    cmd = [sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--out", str(tmp_path),
-           "--train-subset", "1024", *TINY[2:], *args]
-    ckpt = tmp_path / "vanilla" / "seed0" / "last.pt"
-    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 120
-    while not ckpt.exists() and time.time() < deadline and p.poll() is None:
-        time.sleep(0.05)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    assert ckpt.exists(), "the run never wrote a checkpoint"
-    assert not (tmp_path / "vanilla" / "seed0" / "summary.json").exists(), "finished before the kill"
-    done = torch.load(ckpt, weights_only=True)["epoch"]
-    assert 1 <= done < 4
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "vanilla seed 0: resuming" in r.stdout
-    lines = (tmp_path / "vanilla" / "seed0" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
-    log = (tmp_path / "vanilla" / "seed0" / "train.log").read_text()
-    assert log.count('"method": "vanilla"') == 1  # one finished run, not two
-
-
 def test_bad_flags_are_refused_before_work(tmp_path):
     for bad in (["--methods", "mixup,nope"], ["--seeds", "a"], ["--epochs", "0"],
                 ["--alpha", "cutmix"], ["--alpha", "cutmix=-1"], ["--alpha", "puzzle=1"],
@@ -251,10 +225,10 @@ def _pids_running(needle):
 def test_kill_9_of_the_driver_stops_its_run(tmp_path):
     """kill -9 of the study driver alone (not its group): its train.py child must stop too (it
     gets SIGTERM through PR_SET_PDEATHSIG), so an immediate rerun cannot run beside it; the
-    rerun resumes and the run's epochs stay in order."""
-    args = ["--methods", "vanilla", "--seeds", "0", "--epochs", "6"]
+    rerun resumes from the checkpoint and the run's epochs stay in order."""
+    args = ["--methods", "vanilla", "--seeds", "0", "--epochs", "4"]
     cmd = [sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--out", str(tmp_path),
-           "--train-subset", "1024", *TINY[2:], *args]
+           "--train-subset", "512", *TINY[2:], *args]
     ckpt = tmp_path / "vanilla" / "seed0" / "last.pt"
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -272,4 +246,6 @@ def test_kill_9_of_the_driver_stops_its_run(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "vanilla seed 0: resuming" in r.stdout
     lines = (tmp_path / "vanilla" / "seed0" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2, 3, 4]
+    log = (tmp_path / "vanilla" / "seed0" / "train.log").read_text()
+    assert log.count('"method": "vanilla"') == 1  # one finished run, not two

@@ -547,18 +547,54 @@ ARCH_NAMES = ("resnet18_cifar", "resnet34_cifar", "resnext50_cifar", *_TORCHVISI
               "resnet_small", "resnet10_half", *_WRNS, "timm:<name>")
 
 
-def build_backbone(arch: str, in_chans: int = 3, mask_layer=None) -> nn.Module:
+def parse_timm_kwargs(text):
+    """``"img_size=32,patch_size=4,depth=4"`` -> ``{"img_size": 32, ...}``: the extra keywords
+    of ``timm.create_model``, each value a Python literal (number, bool, None, string, tuple)
+    read with ``ast.literal_eval`` (never run), else kept as a plain string."""
+    import ast
+    out = {}
+    if not text:
+        return out
+    for item in _split_top_level(text):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--timm-kwargs takes key=value pairs separated by commas, e.g. "
+                             f"img_size=32,patch_size=4; got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key] = value.strip()
+    return out
+
+
+def _split_top_level(text):
+    """Split on commas outside brackets (``window_size=(7,7)`` stays one item)."""
+    items, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [i for i in items + [cur] if i.strip()]
+
+
+def build_backbone(arch: str, in_chans: int = 3, mask_layer=None, timm_kwargs=None) -> nn.Module:
     """Build a backbone by name: one of ``ARCH_NAMES``, or ``timm:<model>``.
 
     ``mask_layer``: the 0-based stage whose output feeds the Mix Block (None: the official
-    choice, 2 for the ResNets, 1 for the WideResNets). timm backbones tap their second-last
-    feature stage and take no ``mask_layer``."""
+    choice, 2 for the ResNets, 1 for the WideResNets). For a timm backbone it indexes
+    ``feature_info`` (None: the second-last stage); a ViT's feature_info lists its blocks, so
+    ``mask_layer=5`` taps DeiT's sixth block as the official ViT configs do (``out_indices=(5,
+    11)``). ``timm_kwargs``: ``timm.create_model`` keywords (``img_size``, ``patch_size``, ...)."""
     if arch.startswith("timm:"):
-        if mask_layer is not None:
-            raise ValueError("--mask-layer applies to fastmix's ResNets and WideResNets; a timm "
-                             "backbone taps its second-last feature stage (or wrap the model in "
-                             "FeatureTap to choose the stage)")
-        return TimmBackbone(arch[len("timm:"):], in_chans=in_chans)
+        return TimmBackbone(arch[len("timm:"):], in_chans=in_chans,
+                            tap=-2 if mask_layer is None else mask_layer, **(timm_kwargs or {}))
+    if timm_kwargs:
+        raise ValueError("--timm-kwargs applies to timm:<name> backbones")
     if arch not in DEFAULT_MASK_LAYER:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCH_NAMES)}")
     mask_layer = DEFAULT_MASK_LAYER[arch] if mask_layer is None else mask_layer

@@ -74,7 +74,11 @@ class Config:
     ema_warmup: float = opt(0.1, "fraction of training the EMA momentum stays at "
                             "--ema-momentum")
     mask_layer: int = opt(None, "AutoMix: the 0-based backbone stage feeding the Mix Block "
-                          "(default: 2 for ResNets, 1 for WideResNets)")
+                          "(default: 2 for ResNets, 1 for WideResNets; timm:<name>: an index "
+                          "into its feature_info, default the second-last: a ViT's blocks, so "
+                          "5 taps DeiT's sixth block as the official ViT configs)")
+    timm_kwargs: str = opt(None, "timm:<name>: extra timm.create_model keywords, e.g. "
+                           "img_size=32,patch_size=4,depth=4 (values read as literals)")
     mask_loss_weight: float = opt(0.1, "AutoMix mask loss weight (at step 0)")
     mask_loss_schedule: str = opt("constant", "AutoMix mask-loss weight over training: constant; "
                                   "official-cosine (the official hook's compounding cosine: w_t = "
@@ -89,6 +93,13 @@ class Config:
     upsample: str = opt("nearest", "Mix Block mask upsampling", choices=("nearest", "bilinear"))
     mix_shuffle_no_repeat: bool = opt(False, "AutoMix: permutations without fixed points",
                                       kind="bool")
+    switch_off: float = opt(0.0, "AutoMix (the official ViT option): train the Mix Block in a "
+                            "step with this probability only, skipping the momentum encoder's "
+                            "pass on its mixed batch otherwise (0 or 1: every step; ImageNet "
+                            "DeiT-S: 0.8)")
+    mask_adjust: float = opt(0.0, "AutoMix: with this probability, rescale the backbone's mask "
+                             "so its mean is the Mix Block's λ (official option; 0 in every "
+                             "official AutoMix config)")
     k_early_exit: bool = opt(False, "AutoMix: the momentum encoder's clean pass stops at stage 3 "
                              "(changes its stage-4 BN statistics; see README)", kind="switch")
     # data
@@ -398,12 +409,20 @@ def validate_config(cfg: Config):
         need(0 <= getattr(cfg, name) <= 1, f"{flag(name)} must lie in [0, 1], got {getattr(cfg, name)}")
     need(0 <= cfg.ema_warmup <= 1, f"--ema-warmup must lie in [0, 1], got {cfg.ema_warmup}")
     stages = 3 if str(cfg.arch).startswith("wrn") else 4
-    need(cfg.mask_layer is None or cfg.mask_layer in range(stages),
+    timm_arch = str(cfg.arch).startswith("timm:")
+    need(cfg.mask_layer is None or timm_arch or cfg.mask_layer in range(stages),
          f"--mask-layer must be a stage index 0-{stages - 1} of --arch {cfg.arch}, got "
          f"{cfg.mask_layer}")
-    need(cfg.mask_layer is None or not str(cfg.arch).startswith("timm:"),
-         "--mask-layer applies to fastmix's ResNets and WideResNets; a timm backbone taps its "
-         "second-last feature stage")
+    need(cfg.mask_layer is None or not timm_arch or cfg.mask_layer >= 0,
+         f"--mask-layer must be >= 0 (an index into the timm model's feature_info), got "
+         f"{cfg.mask_layer}")
+    need(not cfg.timm_kwargs or timm_arch, "--timm-kwargs applies to --arch timm:<name>")
+    if cfg.timm_kwargs:
+        from fastmix.backbones import parse_timm_kwargs
+        try:
+            parse_timm_kwargs(cfg.timm_kwargs)
+        except ValueError as e:
+            problems.append(str(e))
     need(cfg.lam_margin < 0.5, f"--lam-margin must be below 0.5, got {cfg.lam_margin}")
     cls = _METHOD_CLASSES.get(cfg.method)
     need(cls is not None, f"--method {cfg.method!r} is unknown; choose from {', '.join(METHODS)}")
@@ -434,6 +453,11 @@ def validate_config(cfg: Config):
     need(not (cfg.ema and cls.recipe == "automix"),
          "--ema: AutoMix's momentum encoder is its EMA (set it with --ema-momentum, --ema-end, "
          "--ema-warmup); --ema is for the other methods")
+    for name in ("switch_off", "mask_adjust"):
+        need(0 <= getattr(cfg, name) <= 1,
+             f"{flag(name)} is a probability in [0, 1], got {getattr(cfg, name)}")
+    need(cfg.method == "automix" or (cfg.switch_off == 0 and cfg.mask_adjust == 0),
+         "--switch-off and --mask-adjust are AutoMix options")
     need(cfg.max_image_pixels >= 0,
          f"--max-image-pixels must be >= 0 (0: no limit), got {cfg.max_image_pixels}")
     problems += cls.config_problems(cfg)

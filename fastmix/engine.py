@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from fastmix.backbones import build_backbone, load_torchvision_weights
+from fastmix.backbones import build_backbone, load_torchvision_weights, parse_timm_kwargs
 from fastmix.checkpoint import (CheckpointError, OutInUseError, atomic_save,  # noqa: F401
                                 export_classifier, load_checkpoint, load_training_checkpoint,
                                 lock_out, os_error_text, remove_stale_temporaries, rng_states,
@@ -44,7 +44,8 @@ def build_model(cfg: Config, in_chans, num_classes, seed=None):
     """The method's model (``fastmix.methods``: each class builds itself from the settings)."""
     cls = method_class(cfg.method)
     alpha = cls.default_alpha if cfg.alpha is None else cfg.alpha
-    backbone = build_backbone(cfg.arch, in_chans=in_chans, mask_layer=cfg.mask_layer)
+    backbone = build_backbone(cfg.arch, in_chans=in_chans, mask_layer=cfg.mask_layer,
+                              timm_kwargs=parse_timm_kwargs(cfg.timm_kwargs))
     if cfg.init_weights not in (None, "none"):
         # before AutoMix copies the backbone into its momentum encoder: both start from them
         load_torchvision_weights(backbone, cfg.init_weights)

@@ -223,3 +223,76 @@ def test_k_early_exit_skips_stage4_of_the_clean_pass():
         from fastmix.backbones import FeatureTap
         AutoMix(FeatureTap(torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3)), "0", "0", (4, 4)), 10,
                 k_early_exit=True)
+
+
+# ---- the official ViT options: switch_off and mask_adjust -------------------------------------
+def _official_adjust(mask_bb, lam0, epsilon=1e-8):
+    """spec §2.1's mask_adjust, literally as the official step does it: in-place rows of the
+    two-channel mask [N, 2, H, W] (channel 0 the image's weight), λ the Mix Block's."""
+    mask_bb = mask_bb.clone()
+    _mask = mask_bb[:, 0, :, :].clamp(min=epsilon, max=1 - epsilon)
+    _mean = _mask.mean(dim=[1, 2])
+    larg, less = _mean > lam0 + epsilon, _mean < lam0 - epsilon
+    mask_bb[larg, 0] = _mask[larg] * (lam0 / _mean[larg].view(-1, 1, 1))
+    mask_bb[larg, 1] = 1 - mask_bb[larg, 0]
+    mask_bb[less, 1] = (1 - _mask[less]) * ((1 - lam0) / (1 - _mean[less].view(-1, 1, 1)))
+    mask_bb[less, 0] = 1 - mask_bb[less, 1]
+    return mask_bb
+
+
+def test_mask_adjust_is_the_official_rescale():
+    from fastmix.methods.automix import adjust_mask
+    g = torch.Generator().manual_seed(3)
+    s = torch.sigmoid(torch.randn(7, 1, 9, 11, generator=g) * 2 + torch.linspace(-2, 2, 7).view(-1, 1, 1, 1))
+    for lam in (0.2, 0.5, 0.83):
+        ours = adjust_mask(s, lam)
+        ref = _official_adjust(torch.cat([1 - s, s], 1), lam)[:, 1:]
+        torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+        means = (1 - ours).mean(dim=(1, 2, 3))
+        moved = ~torch.isclose((1 - s).mean(dim=(1, 2, 3)), torch.tensor(lam), atol=1e-7)
+        assert moved.sum() >= 5
+        torch.testing.assert_close(means[moved], torch.full_like(means[moved], lam), atol=1e-5, rtol=0)
+
+
+def test_mask_adjust_in_the_step_makes_the_bb_mask_mean_lambda_mb():
+    model = make_model(mask_adjust=1.0)
+    randomize_mix_block(model)
+    x, _ = batch(6)
+    index_mb, index_bb = torch.tensor([1, 2, 3, 4, 5, 0]), torch.tensor([3, 4, 5, 0, 1, 2])
+    with torch.no_grad():
+        z = model.backbone_k(x)[0]
+        _, x_bb, _ = model._mix(x, z, 0.3, index_mb, 0.6, index_bb, False, False, adjust=True)
+        _, x_plain, _ = model._mix(x, z, 0.3, index_mb, 0.6, index_bb, False, False)
+    s = (x_bb - x) / (x[index_bb] - x)                  # the partner's weight, per pixel
+    kept = (1 - s).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(kept, torch.full_like(kept, 0.3), atol=2e-3, rtol=0)   # λ_mb
+    assert not torch.allclose(x_bb, x_plain)
+
+
+def test_switch_off_skips_the_momentum_encoders_mixed_pass():
+    model = make_model(switch_off=0.5)
+    x, y = batch(6)
+    draws = [model.draw(x)["train_mb"] for _ in range(400)]
+    assert 0.4 < sum(draws) / len(draws) < 0.6
+    calls = []
+    model.head_mix_k.register_forward_hook(lambda *a: calls.append(1))
+    d = model.draw(x)
+    d["train_mb"] = False
+    loss_off, logs = model.losses(x, y, d)
+    assert calls == [] and logs["mb_trained"].item() == 0.0 and logs["loss_mix_k"].item() == 0.0
+    loss_off.backward()
+    assert all(p.grad is not None for p in model.mix_block.parameters())   # the mask loss
+    d["train_mb"] = True
+    loss_on, logs = model.losses(x, y, d)
+    assert calls == [1] and logs["loss_mix_k"].item() > 0
+    torch.testing.assert_close(loss_on - loss_off, logs["loss_mix_k"], rtol=1e-5, atol=1e-6)
+
+
+def test_off_options_draw_nothing_more():
+    """Without switch_off / mask_adjust a step draws exactly what it drew before they existed:
+    runs keep their random streams (the committed studies regenerate)."""
+    x, _ = batch(6)
+    a, b = make_model(), make_model(switch_off=1.0)
+    da, db = a.draw(x), b.draw(x)
+    assert set(da) == set(db) == {"lam_mb", "lam_bb", "index_mb", "index_bb"}
+    assert a.rng.random() == b.rng.random()

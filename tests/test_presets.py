@@ -346,8 +346,13 @@ def test_mask_layer_refusals():
     from fastmix.config import Config, validate_config
     with pytest.raises(ValueError, match="stage index 0-2 of --arch wrn28_8"):
         validate_config(Config(arch="wrn28_8", mask_layer=3))
-    with pytest.raises(ValueError, match="timm backbone"):
-        validate_config(Config(arch="timm:resnet18", mask_layer=2))
+    validate_config(Config(arch="timm:resnet18", mask_layer=2))   # a feature_info index
+    with pytest.raises(ValueError, match="feature_info"):
+        validate_config(Config(arch="timm:resnet18", mask_layer=-1))
+    with pytest.raises(ValueError, match="has 5 feature stages; tap 9"):
+        build_backbone("timm:resnet18", mask_layer=9)
+    with pytest.raises(ValueError, match="--timm-kwargs applies to --arch timm"):
+        validate_config(Config(arch="resnet18", timm_kwargs="img_size=32"))
     with pytest.raises(ValueError, match="stages 0-3"):
         build_backbone("resnet18", mask_layer=4)
 

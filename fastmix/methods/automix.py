@@ -66,11 +66,16 @@ class AutoMix(MixMethod):
     def config_problems(cls, cfg):
         """``--mix-shuffle-no-repeat true`` with ``--batch-size 1``: no permutation of one
         sample without fixed points exists (it would be mixed with itself)."""
+        problems = []
+        if cfg.cuda_graphs and (0 < cfg.switch_off < 1 or cfg.mask_adjust > 0):
+            problems.append("--switch-off below 1 and --mask-adjust change the step's work with "
+                            "host draws; --cuda-graphs replays one recorded step: run them "
+                            "without --cuda-graphs")
         if cfg.mix_shuffle_no_repeat and cfg.batch_size < 2:
-            return [f"--mix-shuffle-no-repeat true needs --batch-size of at least 2 (got "
-                    f"{cfg.batch_size}): a permutation of one sample without fixed points does "
-                    f"not exist, so each sample would be mixed with itself"]
-        return []
+            problems.append(f"--mix-shuffle-no-repeat true needs --batch-size of at least 2 (got "
+                            f"{cfg.batch_size}): a permutation of one sample without fixed "
+                            f"points does not exist, so each sample would be mixed with itself")
+        return problems
 
     @classmethod
     def build(cls, cfg, backbone, num_classes, alpha, seed=None, fused=None):
@@ -87,6 +92,7 @@ class AutoMix(MixMethod):
                    lam_concat=cfg.lam_concat, upsample=cfg.upsample,
                    mix_shuffle_no_repeat=cfg.mix_shuffle_no_repeat,
                    label_smoothing=cfg.label_smoothing, k_early_exit=cfg.k_early_exit,
+                   switch_off=cfg.switch_off, mask_adjust=cfg.mask_adjust,
                    seed=seed, fused=fused)
 
     @torch.no_grad()
@@ -106,7 +112,8 @@ class AutoMix(MixMethod):
                  mask_loss_mode="L1",
                  mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
                  upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
-                 head_weights=None, k_early_exit=False, seed=None, fused=None):
+                 head_weights=None, k_early_exit=False, switch_off=0.0, mask_adjust=0.0,
+                 seed=None, fused=None):
         super().__init__(num_classes, alpha=alpha, label_smoothing=label_smoothing, seed=seed,
                          fused=fused)
         if not isinstance(getattr(backbone, "out_channels", None), (tuple, list)) or \
@@ -128,6 +135,14 @@ class AutoMix(MixMethod):
         if k_early_exit and "tap_only" not in backbone.forward.__code__.co_varnames:
             raise ValueError("k_early_exit needs a backbone whose forward takes tap_only "
                              "(fastmix's ResNets and WideResNets, the torchvision and timm backbones)")
+        if not 0 <= switch_off <= 1 or not 0 <= mask_adjust <= 1:
+            raise ValueError(f"switch_off and mask_adjust are probabilities in [0, 1], got "
+                             f"{switch_off} and {mask_adjust}")
+        # The official ViT options (spec §2.1): ``switch_off`` p in (0, 1) trains the Mix Block
+        # (its classification loss through the momentum encoder) in a step with probability p
+        # only (0 and 1: every step, as the official code); ``mask_adjust`` q rescales the BB
+        # mask with probability q so its mean is λ_mb. Both are host draws (no sync).
+        self.switch_off, self.mask_adjust = float(switch_off), float(mask_adjust)
         self.head_weights = dict(mix_q=1.0, one_q=1.0, mix_k=1.0)
         self.head_weights.update(head_weights or {})
 
@@ -155,6 +170,12 @@ class AutoMix(MixMethod):
                 "index_bb": self.permutation(n, device, self.mix_shuffle_no_repeat)}
         if self.mask_loss_schedule != "constant":   # this step's weight (set_progress)
             draw["mask_loss_weight"] = self.mask_loss_weight_at(*self.progress)
+        # Drawn only when on, so runs without them keep their random streams; in the official
+        # step's order (the mask adjustment in the mixing, then the switch at the MB loss).
+        if self.mask_adjust > 0:
+            draw["mask_adjust"] = bool(self.mask_adjust > self.rng.random())
+        if 0 < self.switch_off < 1:
+            draw["train_mb"] = bool(self.rng.random() <= self.switch_off)
         return draw
 
     def losses(self, x, y, draw):
@@ -169,17 +190,25 @@ class AutoMix(MixMethod):
             z = (self.backbone_k(x, tap_only=True)[0] if self.k_early_exit
                  else _tap_and_final(self.backbone_k(x))[0])
         x_mb, x_bb, m_mb = self._mix(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback,
-                                     self.fused)
+                                     self.fused, draw.get("mask_adjust", False))
         w_mask = draw.get("mask_loss_weight", self.mask_loss_weight)
         loss_mask = w_mask * self.mix_block.mask_loss(m_mb, lam_mb)
 
         ce = self._mixed_ce
         final = lambda enc, img: _tap_and_final(enc(img))[1]  # noqa: E731
-        loss_mix_k = ce(self.head_mix_k(final(self.backbone_k, x_mb)), y, y[index_mb], lam_mb)
+        train_mb = draw.get("train_mb", True)
+        # switch_off: a step without the MB loss skips the momentum encoder's pass on x_mb (the
+        # saving); the mask loss stays, as in the official step
+        loss_mix_k = (ce(self.head_mix_k(final(self.backbone_k, x_mb)), y, y[index_mb], lam_mb)
+                      if train_mb else None)
         loss_one_q = ce(self.head_one_q(final(self.backbone_q, x)), y, None, 1.0)
         loss_mix_q = ce(self.head_mix_q(final(self.backbone_q, x_bb)), y, y[index_bb], lam_bb)
         w = self.head_weights
-        loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + w["mix_k"] * loss_mix_k + loss_mask
+        loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + loss_mask
+        if loss_mix_k is not None:
+            loss = loss + w["mix_k"] * loss_mix_k
+        else:
+            loss_mix_k = torch.zeros((), device=x.device)
         m = m_mb.detach()
         area = 1 - m.float().mean()
         logs = {"loss_mix_q": loss_mix_q.detach(), "loss_one_q": loss_one_q.detach(),
@@ -189,12 +218,15 @@ class AutoMix(MixMethod):
                 # and how soft the mask is (mean 4m(1-m): 1 = a flat 0.5 blend, 0 = binary)
                 "mask_area_err": (area - lam_mb).abs(),
                 "mask_softness": 4 * (m.float() * (1 - m.float())).mean()}
+        if 0 < self.switch_off < 1:     # the share of steps whose loss_mix_k is real
+            logs["mb_trained"] = torch.tensor(float(train_mb), device=x.device)
         return loss, logs
 
     def _mixed_ce(self, logits, y_a, y_b, lam):
         return mixed_cross_entropy(logits, y_a, y_b, lam, self.label_smoothing, fused=self.fused)
 
-    def _mix(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback, fused):
+    def _mix(self, x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback, fused,
+             adjust=False):
         """Both mixed batches and the MB mask: the Mix Block projects z once, attends twice
         (the BB mask without a graph) and one mix makes both batches (``fused``: the Triton
         kernels, else their eager twins, which upsample the masks to full resolution; None:
@@ -209,8 +241,17 @@ class AutoMix(MixMethod):
                 if isinstance(mixup_fallback, torch.Tensor):
                     logits_bb = _select_mixup(mixup_fallback, lam_bb, logits_bb)
             mask_b = {"mask_logits_b": logits_bb}
-        x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, mode=mb.upsample,
-                                     fused=fused, **mask_b)
+        if adjust and "mask_logits_b" in mask_b and not isinstance(mixup_fallback, torch.Tensor):
+            # mask_adjust: the BB mask rescaled at full resolution (an eager mix; off in the
+            # official CNN and ViT configs, so not fused)
+            x_mb = mix_images(x, index_mb, logits_mb, mode=mb.upsample, fused=fused)
+            s = adjust_mask(torch.sigmoid(upsample_mask(logits_bb.float(), size, mb.upsample)),
+                            lam_mb)
+            xf = x.float()
+            x_bb = (xf * (1 - s) + xf[index_bb] * s).to(x.dtype)
+        else:
+            x_mb, x_bb = mix_images_pair(x, index_mb, logits_mb, index_bb, mode=mb.upsample,
+                                         fused=fused, **mask_b)
         if mb.upsample == "nearest" and size[0] % hw[0] == 0 and size[1] % hw[1] == 0:
             # Each low-res cell is repeated an equal number of times: the mean and variance of
             # the upsampled mask equal those of the low-res one, so skip the full-res tensor.
@@ -265,6 +306,20 @@ class AutoMix(MixMethod):
         head = self._check_head(head)
         backbone = self.backbone_k if head.endswith("_k") else self.backbone_q
         return backbone, getattr(self, "head_" + head)
+
+
+def adjust_mask(s, lam, eps=1e-8):
+    """``mask_adjust``'s rescale (spec §2.1): ``s`` [N, 1, H, W] the partner's weight, so
+    ``1 - s`` is each image's; where an image's mean weight is above ``lam`` (+eps) its weight
+    is scaled by ``lam / mean``, where below (−eps) the partner's weight ``1 − w`` is scaled by
+    ``(1 − lam) / (1 − mean)``, on the weight clamped to [eps, 1 − eps]; the other samples keep
+    their mask. As the official code, ``lam`` is the Mix Block's λ (not the backbone's)."""
+    w = (1 - s).clamp(eps, 1 - eps)
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    larger, smaller = mean > lam + eps, mean < lam - eps
+    s_larger = 1 - w * (lam / mean)
+    s_smaller = (1 - w) * ((1 - lam) / (1 - mean))
+    return torch.where(larger, s_larger, torch.where(smaller, s_smaller, s))
 
 
 def _tap_and_final(features):
