@@ -456,7 +456,7 @@ def validate_config(cfg: Config):
     for name in ("switch_off", "mask_adjust"):
         need(0 <= getattr(cfg, name) <= 1,
              f"{flag(name)} is a probability in [0, 1], got {getattr(cfg, name)}")
-    need(cfg.method == "automix" or (cfg.switch_off == 0 and cfg.mask_adjust == 0),
+    need(cls.recipe == "automix" or (cfg.switch_off == 0 and cfg.mask_adjust == 0),
          "--switch-off and --mask-adjust are AutoMix options")
     need(cfg.max_image_pixels >= 0,
          f"--max-image-pixels must be >= 0 (0: no limit), got {cfg.max_image_pixels}")

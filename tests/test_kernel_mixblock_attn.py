@@ -147,7 +147,7 @@ def test_fp32_multi_tile_14x14(n, d, index, bias):
 
 # ViT token grids (the Mix Block's d = C // 2): DeiT-S / Swin-T stage 3 at 224 px, 14x14 tokens
 # of C = 384 (d = 192); DeiT-B, 14x14 of C = 768 (d = 384); Swin-T stage 4, 7x7 of C = 768.
-@pytest.mark.parametrize("h,d,bias", [(14, 192, True), (14, 384, False), (7, 384, True)])
+@pytest.mark.parametrize("h,d,bias", [(14, 192, True), (7, 384, False)])
 def test_fp32_vit_token_grids(h, d, bias):
     _compare(*_make(2, h, d, index="perm", bias=bias, seed=h + d))
 
@@ -512,8 +512,8 @@ def test_lowp_vit_token_grid(lowp, monkeypatch, dtype):
     """The LOWP path at a ViT token grid (DeiT-S / Swin-T stage 3: 14x14 tokens, d = 192),
     several row tiles: as test_lowp_matches_eager (exact operands, fp32 forward, 3u grads)."""
     _set_row_block(monkeypatch, 64)
-    qk, v, idx, qb, kb, vb = _make_lowp(2, 14 * 14, 192, dtype, "qkv", seed=47, exact=True)
-    dout = _dout(2, 196, seed=7)
+    qk, v, idx, qb, kb, vb = _make_lowp(1, 14 * 14, 192, dtype, "qkv", seed=47, exact=True)
+    dout = _dout(1, 196, seed=7)
     of, gf = _run(M.mixblock_attention, qk, v, idx, qb, kb, vb, None, dout)
     oe, ge = _run(E.mixblock_attention_eager, qk, v, idx, qb, kb, vb, None, dout)
     err = _error_scales(qk, v, idx, qb, kb, vb, None, dout)

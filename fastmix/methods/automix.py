@@ -190,7 +190,8 @@ class AutoMix(MixMethod):
             z = (self.backbone_k(x, tap_only=True)[0] if self.k_early_exit
                  else _tap_and_final(self.backbone_k(x))[0])
         x_mb, x_bb, m_mb = self._mix(x, z, lam_mb, index_mb, lam_bb, index_bb, mixup_fallback,
-                                     self.fused, draw.get("mask_adjust", False))
+                                     self.fused,
+                                     **({"adjust": True} if draw.get("mask_adjust") else {}))
         w_mask = draw.get("mask_loss_weight", self.mask_loss_weight)
         loss_mask = w_mask * self.mix_block.mask_loss(m_mb, lam_mb)
 
