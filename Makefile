@@ -19,7 +19,7 @@ PYTEST_ARGS ?=
 
 .PHONY: train test setup data bench bench-data bench-counts study study-mismatch gpu-aot selfcheck clean
 
-$(VENV)/.installed: setup.py Makefile
+$(VENV)/.installed: setup.py pyproject.toml Makefile
 	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
 	  sys.exit(0 if free >= 7 else f'the venv needs about 6.5 GB of disk (torch 2.14.1 is a \
 	CUDA build); {free:.1f} GB free here')"

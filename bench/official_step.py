@@ -48,8 +48,30 @@ def _mask(mb, z, lam, index, size):
     return torch.cat([1 - m, m], dim=1)
 
 
-def _mixed_ce(logits, y, y_b, lam):
-    return lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y_b)
+def _mixed_ce(logits, y, y_b, lam, smoothing=0.0):
+    """λ·CE(y) + (1−λ)·CE(y_b); with ``smoothing`` each CE is LabelSmoothLoss(mode='original'):
+    the soft target one_hot·(1−ε) + ε/K, which is torch's ``label_smoothing``."""
+    return lam * F.cross_entropy(logits, y, label_smoothing=smoothing) + \
+        (1 - lam) * F.cross_entropy(logits, y_b, label_smoothing=smoothing)
+
+
+def _adjust(mask_bb, lam, eps=1e-8):
+    """``mask_adjust`` (automix.py:532-547): the BB mask rescaled so its mean is ``lam`` (the
+    Mix Block's λ, ``lam[0]``), written out as the official code does it, in place."""
+    _mask = mask_bb[:, 0, :, :].clamp(min=eps, max=1 - eps)
+    _mean = _mask.mean(dim=[1, 2]).squeeze()
+    idx_larg = _mean[:] > lam + eps
+    idx_less = _mean[:] < lam - eps
+    if idx_larg.any():
+        mask_bb[idx_larg == True, 0, :, :] = \
+            _mask[idx_larg == True, :, :] * (lam / _mean[idx_larg == True].view(-1, 1, 1))  # noqa: E712
+        mask_bb[idx_larg == True, 1, :, :] = 1 - mask_bb[idx_larg == True, 0, :, :]  # noqa: E712
+    if idx_less.any():
+        mask_bb[idx_less == True, 1, :, :] = \
+            (1 - _mask[idx_less == True, :, :]) * \
+            ((1 - lam) / (1 - _mean[idx_less == True].view(-1, 1, 1)))  # noqa: E712
+        mask_bb[idx_less == True, 0, :, :] = 1 - mask_bb[idx_less == True, 1, :, :]  # noqa: E712
+    return mask_bb
 
 
 class OfficialAutoMix:
@@ -74,24 +96,33 @@ class OfficialAutoMix:
         size = x.shape[-2:]
         mask_mb = _mask(mb, feature, lam_mb, index_mb, size)
         mask_bb = _mask(mb, feature, lam_bb, index_bb, size).clone().detach()
+        if draw.get("mask_adjust"):                      # the official ViT option, off in CNNs
+            mask_bb = _adjust(mask_bb, lam_mb)
         if a.lam_margin >= lam_bb or a.lam_margin >= 1 - lam_bb:
             mask_bb[:, 0] = lam_bb
             mask_bb[:, 1] = 1 - lam_bb
         m = mask_mb[:, 1]
         m_mean = m.sum() / m.numel()
-        loss_mask = F.relu((1 - m_mean - lam_mb).abs() - mb.mask_loss_margin)
-        if bool(torch.isnan(loss_mask)):                                   # read-back
-            loss_mask = None
         w_mask = draw.get("mask_loss_weight", a.mask_loss_weight)
+        loss_mask = F.relu((1 - m_mean - lam_mb).abs() - mb.mask_loss_margin)
+        if bool(torch.isnan(loss_mask)) or not w_mask > 0:                # read-back
+            loss_mask = None
         x_mb = x * mask_mb[:, 0:1] + x[index_mb] * mask_mb[:, 1:2]
         x_bb = x * mask_bb[:, 0:1] + x[index_bb] * mask_bb[:, 1:2]
+        ls = a.label_smoothing
+        # switch_off (automix.py:435-443): a step whose coin says no skips forward_k
         loss_mix_k = _mixed_ce(a.head_mix_k(a.backbone_k(x_mb)[-1]).float(), y, y[index_mb],
-                               lam_mb)
-        loss_one_q = F.cross_entropy(a.head_one_q(a.backbone_q(x)[-1]).float(), y)
+                               lam_mb, ls) if draw.get("train_mb", True) else None
+        loss_one_q = F.cross_entropy(a.head_one_q(a.backbone_q(x)[-1]).float(), y,
+                                     label_smoothing=ls)
         loss_mix_q = _mixed_ce(a.head_mix_q(a.backbone_q(x_bb)[-1]).float(), y, y[index_bb],
-                               lam_bb)
+                               lam_bb, ls)
         w = a.head_weights
-        loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q + w["mix_k"] * loss_mix_k
+        loss = w["mix_q"] * loss_mix_q + w["one_q"] * loss_one_q
+        if loss_mix_k is not None:
+            loss = loss + w["mix_k"] * loss_mix_k
+        else:
+            loss_mix_k = torch.zeros(())
         if loss_mask is not None:
             loss = loss + w_mask * loss_mask
         return loss, {"loss_mix_q": loss_mix_q.detach(), "loss_one_q": loss_one_q.detach(),

@@ -265,3 +265,25 @@ def test_the_official_ema_is_fastmixs():
     OfficialAutoMix(b).after_step(5, 100)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(va, vb, rtol=1e-6, atol=1e-7), k
+
+
+def test_quick_vit_counts_and_the_switch_off_saving(tmp_path):
+    """--vit --quick: a tiny DeiT at 224 px on the CIFAR-100 ViT recipe. AutoMix's step is
+    ~3x vanilla's FLOPs (4 forwards, 2 full backwards and one through activations only); a
+    step whose switch_off coin skips the Mix Block's classification drops the momentum
+    encoder's pass on the mixed batch and its backward, so it costs less; the official flow
+    reads back, fastmix's steps do not."""
+    out, md = tmp_path / "vit.json", tmp_path / "RESULTS.md"
+    md.write_text("# results\n")
+    assert C.main(["--vit", "--quick", "--json", str(out), "--results", str(md)]) == 0
+    rows = {(r["method"], r["config"]): r for r in json.loads(out.read_text())["vit_steps"]}
+    assert set(rows) == {(m, c) for m in C.VIT_METHODS for c in C.VIT_CONFIGS}
+    for config in C.VIT_CONFIGS:
+        v, a, s = (rows[m, config] for m in ("vanilla", "automix", "automix-mbskip"))
+        assert 2.9 < a["flops"] / v["flops"] < 3.4, config
+        assert v["flops"] < s["flops"] < a["flops"] and s["peak"] < a["peak"], config
+    assert rows["automix", "fused"]["read_backs"] == [] == rows["automix-mbskip", "fused"]["read_backs"]
+    assert len(rows["automix", "faithful"]["read_backs"]) == 8
+    assert len(rows["automix-mbskip", "faithful"]["read_backs"]) == 8
+    text = md.read_text()
+    assert "<!-- counts-vit:begin -->" in text and "authors: time / vanilla" in text

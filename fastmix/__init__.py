@@ -1,4 +1,22 @@
-"""fastmix: a fast, faithful AutoMix for PyTorch."""
+"""fastmix: a fast, faithful AutoMix for PyTorch.
+
+The public API (``__all__``):
+
+- ``AutoMix``: the AutoMix model (online and momentum encoders, four heads, the Mix Block);
+  ``MixBlock``: its mask generator;
+- ``Classifier``: a backbone and a linear head trained with a mixer (every other method);
+  ``MixupClassifier``: the same, the method chosen by name; ``METHODS``: every method's class
+  by its ``--method`` name (``fastmix.methods``);
+- ``Mixup``: timm's ``Mixup`` / CutMix, draw for draw, mixing on the device; ``soft_targets``:
+  timm's mixed soft targets; ``mixed_cross_entropy``: the mixed-label loss (fused on CUDA);
+- backbones: ``build_backbone`` (by name, or ``timm:<model>``), ``ResNet``, ``WideResNet``,
+  ``TimmBackbone``, ``FeatureTap`` (tap any CNN), ``ClsHead``, ``load_torchvision_weights``;
+- the modules ``methods`` and ``mixers``.
+
+The commands ``fastmix-train`` (``train.py``), ``fastmix-selfcheck`` and ``fastmix-study``
+(``bench/accuracy.py``) come with the package. ``__version__`` is the package's version (the
+one source: pyproject.toml reads it from here).
+"""
 import importlib.util as _ilu
 import os as _os
 import sys as _sys

@@ -402,7 +402,7 @@ class TimmBackbone(nn.Module):
     ``timm.create_model(name, num_classes=K)`` (same ``in_chans`` and ``kwargs``) and gives the
     same logits. ``pretrained`` stays False unless asked: fastmix never fetches weights."""
 
-    def __init__(self, name, in_chans=3, tap=-2, pretrained=False, **kwargs):
+    def __init__(self, name, in_chans=3, tap=-2, pretrained=False, tap_module=None, **kwargs):
         super().__init__()
         try:
             import timm
@@ -423,6 +423,51 @@ class TimmBackbone(nn.Module):
         width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.out_channels = (info[tap]["num_chs"], width)
         self.classifier_name = self._find_classifier()
+        self.tap_module_spec, self._tapped = tap_module, None
+        if tap_module:
+            self._hook_tap(tap_module)
+
+    def _hook_tap(self, spec):
+        """``tap_module`` ("MODULE" or "MODULE+ln"): the Mix Block reads this module's output,
+        as an [N, C, h, w] map: NHWC outputs (Swin) are permuted, token sequences (a ViT block)
+        lose their prefix tokens and fold to the patch grid; ``+ln`` applies a LayerNorm over
+        C without parameters (eps 1e-5). The channel count comes from one forward pass of a
+        zero image at the model's input size."""
+        name, _, post = spec.partition("+")
+        if post not in ("", "ln"):
+            raise ValueError(f"--mask-tap {spec!r}: the only suffix is '+ln'")
+        try:
+            module = self.model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"--mask-tap {spec!r}: timm:{self.name} has no module {name!r} "
+                             f"(its modules: model.named_modules())") from None
+        self.tap_module, self._tap_ln = name, post == "ln"
+        module.register_forward_hook(self._keep_tap)
+        size = getattr(getattr(self.model, "patch_embed", None), "img_size", None) or \
+            self.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+        with torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            self.model.forward_features(torch.zeros(1, self.in_chans, *size))
+            self.model.train(was)
+        tapped, self._tapped = self._as_map(self._tapped), None
+        self.out_channels = (tapped.shape[1], self.out_channels[1])
+        self.tap_stride = size[0] // tapped.shape[2]
+
+    def _keep_tap(self, module, inputs, output):
+        self._tapped = output
+
+    def _as_map(self, t):
+        if t.dim() == 3:                       # tokens [N, T, C]
+            t = t[:, getattr(self.model, "num_prefix_tokens", 0):]
+            side = int(round(t.shape[1] ** 0.5))
+            t = t.reshape(t.shape[0], side, side, t.shape[2])
+            t = t.permute(0, 3, 1, 2)
+        elif getattr(self.model, "output_fmt", "NCHW") == "NHWC":
+            t = t.permute(0, 3, 1, 2)
+        if self._tap_ln:
+            t = F.layer_norm(t.permute(0, 2, 3, 1), t.shape[1:2]).permute(0, 3, 1, 2)
+        return t
 
     def _find_classifier(self):
         """timm's classifier name, checked: an ``Identity`` (no parameters) in this
@@ -439,6 +484,13 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x, tap_only=False):
         """``[tap, final]`` (see the class doc); ``tap_only``: ``[tap]``, stopping there."""
+        if self.tap_module_spec:
+            if tap_only:
+                raise ValueError("a --mask-tap module tap cannot stop early (--k-early-exit)")
+            final = self.model.forward_features(x)
+            tapped, self._tapped = self._as_map(self._tapped), None
+            pre = self.model.forward_head(final, pre_logits=True)
+            return [tapped, pre.reshape(pre.shape[0], -1, 1, 1)]
         if tap_only:
             return self._checked(self.model.forward_intermediates(
                 x, indices=[self.tap], stop_early=True, intermediates_only=True))
@@ -582,17 +634,23 @@ def _split_top_level(text):
     return [i for i in items + [cur] if i.strip()]
 
 
-def build_backbone(arch: str, in_chans: int = 3, mask_layer=None, timm_kwargs=None) -> nn.Module:
+def build_backbone(arch: str, in_chans: int = 3, mask_layer=None, timm_kwargs=None,
+                   mask_tap=None) -> nn.Module:
     """Build a backbone by name: one of ``ARCH_NAMES``, or ``timm:<model>``.
 
     ``mask_layer``: the 0-based stage whose output feeds the Mix Block (None: the official
     choice, 2 for the ResNets, 1 for the WideResNets). For a timm backbone it indexes
     ``feature_info`` (None: the second-last stage); a ViT's feature_info lists its blocks, so
     ``mask_layer=5`` taps DeiT's sixth block as the official ViT configs do (``out_indices=(5,
-    11)``). ``timm_kwargs``: ``timm.create_model`` keywords (``img_size``, ``patch_size``, ...)."""
+    11)``). ``timm_kwargs``: ``timm.create_model`` keywords (``img_size``, ``patch_size``, ...).
+    ``mask_tap``: a timm module's output instead (``TimmBackbone._hook_tap``: Swin's official tap
+    is ``layers.3.downsample+ln``)."""
     if arch.startswith("timm:"):
         return TimmBackbone(arch[len("timm:"):], in_chans=in_chans,
-                            tap=-2 if mask_layer is None else mask_layer, **(timm_kwargs or {}))
+                            tap=-2 if mask_layer is None else mask_layer, tap_module=mask_tap,
+                            **(timm_kwargs or {}))
+    if mask_tap:
+        raise ValueError("--mask-tap applies to timm:<name> backbones")
     if timm_kwargs:
         raise ValueError("--timm-kwargs applies to timm:<name> backbones")
     if arch not in DEFAULT_MASK_LAYER:

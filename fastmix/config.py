@@ -49,6 +49,18 @@ class Config:
                             "(ImageNet-stem ResNets; fc is dropped; never downloaded); 'none': "
                             "from scratch where a preset asks for weights", metavar="PATH")
     # optimisation (SGD, per-epoch cosine; spec §2.3)
+    optimizer: str = opt("sgd", "sgd (the CNN recipes: weight decay on every parameter) or adamw "
+                         "(the official ViT recipes: betas 0.9/0.999, eps 1e-8, no weight decay "
+                         "on norms, biases, class/position tokens and relative position tables)",
+                         choices=("sgd", "adamw"))
+    lr_schedule: str = opt("epoch", "cosine per epoch (mmcv by_epoch, the CNN recipes) or per "
+                           "step (the ViT recipes)", choices=("epoch", "step"))
+    warmup_epochs: float = opt(0.0, "linear warm-up of the main group's lr over this many epochs, "
+                               "from --warmup-ratio of it (mmcv's linear warm-up; per step); the "
+                               "Mix Block's own cosine has none, as officially")
+    warmup_ratio: float = opt(1e-5, "the warm-up's starting fraction of the lr")
+    clip_grad: float = opt(None, "clip the gradients to this global L2 norm before each step "
+                           "(the ViT recipes: 10 on CIFAR, 5 on ImageNet)", metavar="NORM")
     lr: float = opt(0.1, "initial learning rate of the main group")
     min_lr: float = opt(0.0, "final learning rate of the cosine schedule")
     mb_lr: float = opt(None, "Mix Block initial lr (default: --lr)")
@@ -77,6 +89,10 @@ class Config:
                           "(default: 2 for ResNets, 1 for WideResNets; timm:<name>: an index "
                           "into its feature_info, default the second-last: a ViT's blocks, so "
                           "5 taps DeiT's sixth block as the official ViT configs)")
+    mask_tap: str = opt(None, "timm:<name>: tap the Mix Block at this module's output rather "
+                        "than at a feature_info stage; '+ln' appends a LayerNorm without "
+                        "parameters (the official Swin tap: layers.3.downsample+ln, the stage-3 "
+                        "patch merging with the output norm that never trains)", metavar="MODULE")
     timm_kwargs: str = opt(None, "timm:<name>: extra timm.create_model keywords, e.g. "
                            "img_size=32,patch_size=4,depth=4 (values read as literals)")
     mask_loss_weight: float = opt(0.1, "AutoMix mask loss weight (at step 0)")
@@ -113,8 +129,13 @@ class Config:
                              "0.08-1 bicubic + flip; test resize 256/224 + centre crop), "
                              "tiny-imagenet (the same crop; test resize to the size, no crop), "
                              "fine-grained (resize 256/224, RandomResizedCrop 0.5-1 bilinear + "
-                             "flip; test as imagenet)",
-                             choices=("imagenet", "tiny-imagenet", "fine-grained"))
+                             "flip; test as imagenet), cifar-vit (RandomResizedCrop 0.8-1 "
+                             "bicubic + flip + RandAugment m7 mstd0.5; test resize, no crop: "
+                             "the official CIFAR ViT recipe), deit (imagenet + RandAugment m9 "
+                             "mstd0.5 inc1); the RandAugment pipelines load with --loader "
+                             "torchvision",
+                             choices=("imagenet", "tiny-imagenet", "fine-grained", "cifar-vit",
+                                      "deit"))
     workers: int = opt(None, "imagefolder: DALI threads / DataLoader workers (default min(8, "
                        "cores); 0: load in the main process, with the DataLoader (torchvision) "
                        "loader, which --loader auto then picks)")
@@ -222,6 +243,22 @@ _FINE = dict(_IMAGENET, data_pipeline="fine-grained", epochs=200, batch_size=16,
              lr=1e-3, min_lr=0.0, mb_lr=0.01, mb_min_lr=5e-4, mb_momentum=0.9, weight_decay=5e-4,
              mix_shuffle_no_repeat=True, init_weights="required")
 
+# The official ViT recipes (OpenMixup 37e1372, docs/official-vit-configs.md): timm's DeiT-S and
+# Swin-T at 224 px, AdamW (wd 0.05, none on norms, biases and tokens), per-step cosine with a
+# linear warm-up (5 epochs DeiT, 20 Swin, from 1e-5 of the lr), gradient clipping, label smoothing
+# 0.1, λ-concat, the compounding mask-loss cosine, the EMA from 0.999 held for the first quarter
+# (adjust_scope [0.25, 1]), the Mix Block at 1e-3 -> 1e-4 with no warm-up.
+_VIT = dict(_AUTOMIX, dataset="imagefolder", image_size=224, optimizer="adamw",
+            lr_schedule="step", warmup_ratio=1e-5, weight_decay=0.05, mb_lr=1e-3, mb_min_lr=1e-4,
+            mb_momentum=None, label_smoothing=0.1, lam_concat=True, ema_warmup=0.25,
+            mask_loss_schedule="official-cosine", k_early_exit=False)
+# CIFAR-100 at 224 (export CIFAR-100 as an image folder: docs/vit.md): 200 epochs of batch 100,
+# lr 5e-4 -> 1e-4, clip 10, EMA end 0.99996, switch_off 1.0 (the Mix Block trains every step).
+_VIT_CIFAR = dict(_VIT, data_pipeline="cifar-vit", epochs=200, batch_size=100, devices=1,
+                  lr=5e-4, min_lr=1e-4, clip_grad=10.0, ema_end=0.99996, switch_off=1.0)
+_DEIT_S = dict(arch="timm:deit_small_patch16_224", timm_kwargs="drop_path_rate=0.1",
+               mask_layer=5, mask_tap=None, warmup_epochs=5)
+
 PRESETS = {
     "cifar100-r18": dict(_CIFAR, dataset="cifar100", arch="resnet18_cifar"),
     "cifar100-rx50": dict(_CIFAR, dataset="cifar100", arch="resnext50_cifar"),
@@ -249,6 +286,17 @@ PRESETS = {
     # The official Aircraft RX-50 config inherits CUB's dataset and num_classes=200 (a copy-paste
     # bug, spec §3); fastmix takes the class count from the data (100 for Aircraft).
     "aircraft-rx50": dict(_FINE, arch="resnext50_32x4d", mask_loss_mode="L1+Variance"),
+    # ViTs (docs/official-vit-configs.md): DeiT-S tapped after its sixth block (patch tokens,
+    # no norm: [N, 384, 14, 14]); Swin-T after stage 3's patch merging with a parameter-free
+    # LayerNorm ([N, 768, 7, 7]); ImageNet DeiT-S: 8 x 128, lr 1e-3 -> 1e-5, clip 5, EMA end
+    # 0.99999, switch_off 0.8, 300 epochs.
+    "cifar100-deit-s": dict(_VIT_CIFAR, **_DEIT_S),
+    "cifar100-swin-t": dict(_VIT_CIFAR, arch="timm:swin_tiny_patch4_window7_224",
+                            timm_kwargs="drop_path_rate=0.2", mask_layer=None,
+                            mask_tap="layers.3.downsample+ln", warmup_epochs=20),
+    "imagenet-deit-s": dict(_VIT, **_DEIT_S, data_pipeline="deit", epochs=300, batch_size=128,
+                            devices=8, lr=1e-3, min_lr=1e-5, clip_grad=5.0, ema_end=0.99999,
+                            switch_off=0.8),
     # Not rows of the spec: the default GPU run and the short CPU run.
     "fashion-mnist-r18": dict(dataset="fashion-mnist", arch="resnet18_cifar", epochs=100,
                               batch_size=100, lr=0.1, min_lr=0.05, weight_decay=1e-4,
@@ -280,7 +328,7 @@ def resolve(flags, preset=None, cuda=False):
     values = dict(PRESETS[preset]) if preset else {}
     method = flags.get("method", values.get("method", "automix"))
     recipe = getattr(_METHOD_CLASSES.get(method), "recipe", "automix")
-    if preset and recipe != "automix":
+    if preset and recipe != "automix" and values.get("optimizer", "sgd") == "sgd":
         # The presets are AutoMix's recipes; the comparison methods' own (spec §3 "Baseline
         # recipes", §4.2): cosine to 0 (AutoMix's CIFAR floor is 0.05), and weight decay 5e-4
         # for the cutting methods on CIFAR-100 ResNeXt-50. A flag still overrides both.
@@ -323,29 +371,50 @@ def _bool(v):
         raise argparse.ArgumentTypeError(f"expected true/false (or yes/no, 1/0), got {v!r}") from None
 
 
+# train.py --help's sections, in declaration order: (the first Config field of the section, its
+# title). A field belongs to the section of the nearest start at or above it, so a field added
+# inside a section lands in it; a section is renamed or split here, next to Config's headers.
+SECTIONS = [
+    ("method", "what to train"),
+    ("optimizer", "optimisation (optimizer, learning rates, schedule, λ)"),
+    ("ema", "the EMA and AutoMix (its momentum encoder, Mix Block and mask loss)"),
+    ("loader", "data"),
+    ("device", "the run (outputs, checkpoints, logging, evaluation)"),
+    ("eager", "speed"),
+]
+
+
 def add_flags(parser):
     """One flag per Config field, its help and default from the field (every flag defaults to
-    None, so ``resolve`` can tell what was given)."""
+    None, so ``resolve`` can tell what was given), in one argument group per ``SECTIONS`` entry
+    (a ``--no-x`` flag beside its ``--x``)."""
+    starts = dict(SECTIONS)
+    groups = {}
+    group = None
     for f in fields(Config):
+        if f.name in starts:
+            group = groups.setdefault(starts[f.name], parser.add_argument_group(starts[f.name]))
+        elif group is None:     # fields above the first section's start (none today)
+            group = groups.setdefault("settings", parser.add_argument_group("settings"))
         m, name = f.metadata, "--" + f.name.replace("_", "-")
         default = "" if f.default is None or m["kind"] in ("switch", "off") else f" (default {f.default})"
         kw = dict(help=m["help"] + default)
         if m["kind"] == "bool":
-            parser.add_argument(name, type=_bool, metavar="BOOL", **kw)
+            group.add_argument(name, type=_bool, metavar="BOOL", **kw)
         elif m["kind"] == "switch":
-            parser.add_argument(name, action="store_true", default=None, **kw)
+            group.add_argument(name, action="store_true", default=None, **kw)
         elif m["kind"] == "off":
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
-                                action="store_false", default=None, **kw)
+            group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                               action="store_false", default=None, **kw)
         elif m["kind"] == "pair":
-            parser.add_argument(name, dest=f.name, action="store_true", default=None, **kw)
-            parser.add_argument("--no-" + f.name, dest=f.name, action="store_false",
-                                help=f"do not {f.name}")
+            group.add_argument(name, dest=f.name, action="store_true", default=None, **kw)
+            group.add_argument("--no-" + f.name, dest=f.name, action="store_false",
+                               help=f"do not {f.name}")
         elif m["kind"] == "optional":
-            parser.add_argument(name, nargs="?", const="auto", **kw)
+            group.add_argument(name, nargs="?", const="auto", **kw)
         else:
             typ = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            parser.add_argument(name, type=typ, choices=m["choices"], metavar=m["metavar"], **kw)
+            group.add_argument(name, type=typ, choices=m["choices"], metavar=m["metavar"], **kw)
     return parser
 
 
@@ -357,7 +426,7 @@ def given(args):
 
 _FINITE = ("lr", "min_lr", "mb_lr", "mb_min_lr", "mb_momentum", "momentum", "weight_decay",
            "alpha", "label_smoothing", "ema_momentum", "ema_end", "ema_warmup", "mask_loss_weight",
-           "lam_margin")
+           "lam_margin", "warmup_epochs", "warmup_ratio", "clip_grad")
 
 
 def validate_config(cfg: Config):
@@ -423,6 +492,20 @@ def validate_config(cfg: Config):
             parse_timm_kwargs(cfg.timm_kwargs)
         except ValueError as e:
             problems.append(str(e))
+    need(not cfg.mask_tap or timm_arch, "--mask-tap applies to --arch timm:<name>")
+    need(not (cfg.mask_tap and cfg.k_early_exit),
+         "--k-early-exit stops at a feature_info stage; --mask-tap taps a module by name: "
+         "give one of them")
+    need(cfg.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
+    need(cfg.warmup_epochs == 0 or cfg.lr_schedule == "step",
+         "--warmup-epochs warms the lr up step by step: give --lr-schedule step")
+    need(0 < cfg.warmup_ratio <= 1, f"--warmup-ratio must lie in (0, 1], got {cfg.warmup_ratio}")
+    need(cfg.clip_grad is None or cfg.clip_grad > 0,
+         f"--clip-grad must be positive, got {cfg.clip_grad}")
+    need(not (cfg.optimizer == "adamw" and cfg.optimizer_impl == "apex"),
+         "--optimizer adamw is torch's fused AdamW; --optimizer-impl apex is apex's FusedSGD")
+    need(not (cfg.clip_grad and cfg.optimizer_impl == "apex"),
+         "--clip-grad needs --optimizer-impl torch")
     need(cfg.lam_margin < 0.5, f"--lam-margin must be below 0.5, got {cfg.lam_margin}")
     cls = _METHOD_CLASSES.get(cfg.method)
     need(cls is not None, f"--method {cfg.method!r} is unknown; choose from {', '.join(METHODS)}")

@@ -45,7 +45,8 @@ def build_model(cfg: Config, in_chans, num_classes, seed=None):
     cls = method_class(cfg.method)
     alpha = cls.default_alpha if cfg.alpha is None else cfg.alpha
     backbone = build_backbone(cfg.arch, in_chans=in_chans, mask_layer=cfg.mask_layer,
-                              timm_kwargs=parse_timm_kwargs(cfg.timm_kwargs))
+                              timm_kwargs=parse_timm_kwargs(cfg.timm_kwargs),
+                              mask_tap=cfg.mask_tap)
     if cfg.init_weights not in (None, "none"):
         # before AutoMix copies the backbone into its momentum encoder: both start from them
         load_torchvision_weights(backbone, cfg.init_weights)
@@ -54,24 +55,62 @@ def build_model(cfg: Config, in_chans, num_classes, seed=None):
     return cls.build(cfg, backbone, num_classes, alpha, seed=seed, fused=fused)
 
 
-def build_optimizer(cfg: Config, model, fused=False):
-    """SGD with two parameter groups: the Mix Block (its own lr schedule, spec §2.3) and the rest.
+def no_weight_decay_names(model):
+    """Full names of the parameters the official ViT recipes keep out of weight decay beyond
+    norms and biases: whatever each timm network's ``no_weight_decay()`` names (a ViT's
+    ``cls_token``/``pos_embed``, Swin's relative position tables), found at any depth."""
+    names = set()
+    for prefix, module in model.named_modules():
+        nwd = getattr(module, "no_weight_decay", None)
+        if callable(nwd) and isinstance(module, torch.nn.Module):
+            names.update(f"{prefix}.{n}" if prefix else n for n in nwd())
+    return names
 
-    Frozen parameters (the momentum encoder and its heads) are left out. Weight decay applies
-    to every trainable parameter, BN and biases included, as in the official configs.
+
+def build_optimizer(cfg: Config, model, fused=False):
+    """SGD (or AdamW) with two parameter groups: the Mix Block (its own lr schedule, spec
+    §2.3) and the rest.
+
+    Frozen parameters (the momentum encoder and its heads) are left out. With SGD, weight decay
+    applies to every trainable parameter, BN and biases included, as in the official CNN
+    configs. With ``--optimizer adamw`` (the official ViT configs) each group splits in two:
+    norms, biases (every parameter of at most one dimension) and the tokens and tables timm's
+    ``no_weight_decay()`` names get no weight decay; the Mix Block's conv weights keep it.
+    Each group carries ``base_lr``, ``min_lr`` and ``warmup`` (the main group's lr warms up,
+    the Mix Block's does not).
     """
     mix_block = getattr(model, "mix_block", None)
     mb = set(id(p) for p in mix_block.parameters()) if mix_block is not None else set()
-    main = [p for p in model.parameters() if p.requires_grad and id(p) not in mb]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    main = [(n, p) for n, p in named if id(p) not in mb]
     groups = [dict(params=main, name="main", base_lr=cfg.lr, min_lr=cfg.min_lr,
-                   momentum=cfg.momentum)]
+                   momentum=cfg.momentum, warmup=True)]
     if mb:
-        groups.append(dict(params=[p for p in model.mix_block.parameters() if p.requires_grad],
+        groups.append(dict(params=[(n, p) for n, p in named if id(p) in mb],
                            name="mix_block",
                            base_lr=cfg.lr if cfg.mb_lr is None else cfg.mb_lr,
                            min_lr=cfg.min_lr if cfg.mb_min_lr is None else cfg.mb_min_lr,
-                           momentum=cfg.momentum if cfg.mb_momentum is None else cfg.mb_momentum))
+                           momentum=cfg.momentum if cfg.mb_momentum is None else cfg.mb_momentum,
+                           warmup=False))
+    if cfg.optimizer == "adamw":
+        skip = no_weight_decay_names(model)
+        split = []
+        for g in groups:
+            decay = [p for n, p in g["params"] if p.ndim > 1 and n not in skip]
+            no_decay = [p for n, p in g["params"] if p.ndim <= 1 or n in skip]
+            del g["momentum"]
+            split += [dict(g, params=ps, weight_decay=wd)
+                      for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
+        for g in split:
+            g["lr"] = g["base_lr"]
+        if cfg.optimizer_impl != "torch":
+            raise ValueError("--optimizer adamw is torch's fused AdamW (--optimizer-impl torch)")
+        # fused: one multi-tensor update that honours found_inf (a skipped step leaves the
+        # moments and the step count as they were)
+        return torch.optim.AdamW(split, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+                                 weight_decay=cfg.weight_decay, fused=fused)
     for g in groups:
+        g["params"] = [p for _, p in g["params"]]
         g["lr"] = g["base_lr"]
     if cfg.optimizer_impl == "apex":
         try:
@@ -123,9 +162,10 @@ def build_step(cfg: Config, model, optimizer, scaler, device, world=1, local=0, 
     guard = StepGuard(model, device, enabled=guard)
     if cfg.cuda_graphs:
         return CUDAGraphStep(model, optimizer, guard,
-                             lambda: autocast_context(cfg, device, False), device), guard
+                             lambda: autocast_context(cfg, device, False), device,
+                             clip=cfg.clip_grad), guard
     return TrainStep(model, optimizer, guard, lambda: autocast_context(cfg, device), scaler,
-                     step_model), guard
+                     step_model, clip=cfg.clip_grad), guard
 
 
 def build_data(cfg: Config, device, rank=0, world=1):
@@ -334,6 +374,30 @@ def set_epoch_lr(optimizer, epoch, epochs):
         g["lr"] = cosine(g["base_lr"], g["min_lr"], epoch / epochs)
 
 
+def step_lr(base, final, step, total_steps, warmup_steps=0, warmup_ratio=1e-5):
+    """mmcv ``CosineAnnealing(by_epoch=False)`` with its linear warm-up: the cosine from
+    ``base`` to ``final`` at ``step / total_steps``, times ``1 - (1 - step / W)(1 - ratio)``
+    while ``step < W`` (the official ViT recipes; the Mix Block's scheduler has no warm-up)."""
+    lr = cosine(base, final, step / total_steps)
+    if step < warmup_steps:
+        lr *= 1 - (1 - step / warmup_steps) * (1 - warmup_ratio)
+    return lr
+
+
+class StepLR:
+    """``--lr-schedule step``: every group's lr set before each step (host floats only: no
+    sync; a captured step copies them into its static lr tensors)."""
+
+    def __init__(self, optimizer, cfg: Config, steps_per_epoch):
+        self.optimizer, self.ratio = optimizer, cfg.warmup_ratio
+        self.warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+
+    def __call__(self, step, total_steps):
+        for g in self.optimizer.param_groups:
+            g["lr"] = step_lr(g["base_lr"], g["min_lr"], step, total_steps,
+                              self.warmup if g.get("warmup", True) else 0, self.ratio)
+
+
 @torch.no_grad()
 def evaluate(model, loader, world=1):
     """Top-1 accuracy (%) of every head of ``model`` on ``loader`` (summed over ranks)."""
@@ -402,7 +466,7 @@ class LoggedSums:
 
 
 def train_one_epoch(step_fn, loader, cfg, step, total_steps, guard, progress=None, save=None,
-                    skip=0, partial=None, stop=None):
+                    skip=0, partial=None, stop=None, set_lr=None):
     """One epoch; returns ``(next step, means of the logged values, images/s)``.
 
     Nothing is read from the device inside the step: the logged sums are read every
@@ -411,6 +475,8 @@ def train_one_epoch(step_fn, loader, cfg, step, total_steps, guard, progress=Non
     on. ``save(batch, step, partial)`` writes a mid-epoch checkpoint every ``checkpoint_every``
     (if set). ``stop`` (``StopSignals``): once a signal came, the epoch ends after the current
     step with a checkpoint of it (``stop.stopped_at`` is set: the epoch is not complete).
+    ``set_lr(step, total_steps)`` (``--lr-schedule step``) sets the learning rates before each
+    step.
     """
     device = guard.device
     logged = LoggedSums(device, partial)
@@ -418,6 +484,8 @@ def train_one_epoch(step_fn, loader, cfg, step, total_steps, guard, progress=Non
     for batch, (x, y) in enumerate(loader):
         if batch < skip:
             continue
+        if set_lr is not None:
+            set_lr(step, total_steps)
         loss, logs, ok = step_fn(x, y, step, total_steps)
         step, images = step + 1, images + x.shape[0]
         logged.add(dict(logs, loss=loss, finite_steps=ok), ok)
@@ -654,13 +722,15 @@ def _train(cfg, held):
         from tqdm.auto import tqdm
         progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True)
     t0 = time.perf_counter()
+    set_lr = StepLR(optimizer, cfg, len(train_loader)) if cfg.lr_schedule == "step" else None
     for epoch in range(start_epoch, cfg.epochs):
-        set_epoch_lr(optimizer, epoch, cfg.epochs)
+        if set_lr is None:
+            set_epoch_lr(optimizer, epoch, cfg.epochs)
         train_loader.set_epoch(epoch)
         model.train()
         save = lambda b, s, p, e=epoch: ckpt.save(e, b, s, history, p)  # noqa: E731
         step, losses, ips = train_one_epoch(step_fn, train_loader, cfg, step, total_steps, guard,
-                                            progress, save, skip, partial, stop)
+                                            progress, save, skip, partial, stop, set_lr)
         if stop.stopped_at is not None:
             break
         skip, partial = 0, None

@@ -76,7 +76,9 @@ def _record(name, *args):
 
 
 # ---- mixed cross-entropy (kernels/mixed_ce.py) ------------------------------------------------
-def mixed_cross_entropy(logits, target_a, target_b=None, lam=1.0, label_smoothing=0.0, fused=None):
+def mixed_cross_entropy(logits: torch.Tensor, target_a: torch.Tensor,
+                        target_b: "torch.Tensor | None" = None, lam=1.0,
+                        label_smoothing: float = 0.0, fused: "bool | None" = None) -> torch.Tensor:
     """``lam * CE(logits, target_a) + (1 - lam) * CE(logits, target_b)``, mean over the batch.
 
     ``lam`` may be a Python float or a 0-d tensor (never read on the host). ``target_b=None``

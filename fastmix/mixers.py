@@ -28,6 +28,7 @@ trainer uses: a random permutation for the partners first, then λ ~ Beta(α, α
 ``Generator``, then (CutMix) the box of ``cutmix_box``.
 """
 import numbers
+from typing import Optional
 
 import numpy as np
 import torch
@@ -133,29 +134,41 @@ def _cutmix_bbox_and_lam(draws, img_h, img_w, lam, ratio_minmax, correct_lam):
 class Mixup:
     """timm's ``Mixup`` / CutMix, the same draws and results, the pixels mixed on the device.
 
-    Args (timm's): ``mixup_alpha`` / ``cutmix_alpha``: Beta(α, α) of each, active when > 0;
-    ``cutmix_minmax``: CutMix box sides as a (min, max) fraction of the image's (forces
-    ``cutmix_alpha = 1``); ``prob``: the chance of mixing a batch (or an element / pair);
-    ``switch_prob``: the chance of CutMix rather than Mixup when both are active; ``mode``:
-    ``"batch"`` (one λ and box), ``"pair"`` (samples i and N - 1 - i mixed with each other,
-    one λ / box per pair: the first half's draws, mirrored) or ``"elem"`` (one draw per
-    sample); ``correct_lam``: λ from the clipped box's area; ``label_smoothing``,
-    ``num_classes``: of the soft targets. ``mixup_enabled`` (an attribute, as timm's) turns
-    mixing off. Not timm's ``multi_label`` (dense multi-label targets).
+    ``mixer(x, y)`` -> ``(x_mixed, soft targets [N, num_classes])``; ``mixer.mix(x, y)`` ->
+    ``(x_mixed, y_a, y_b, lam)`` for ``mixed_cross_entropy``.
 
-    fastmix's: ``rng``: numpy's global legacy generator by default (as timm: seed it with
-    ``np.random.seed``), or a ``RandomState`` / ``Generator`` of one's own; ``fused``: for
-    the batch-mode Mixup (``mixup_images``; the default fuses on CUDA, where the kernel forms
-    ``1 - lam`` in float32, within an ulp of timm's, which forms it in float64 before the
-    multiply; ``fused=False`` is timm's arithmetic exactly).
+    Args:
+        mixup_alpha: Beta(α, α) of Mixup, active when > 0 (timm's).
+        cutmix_alpha: Beta(α, α) of CutMix, active when > 0 (timm's).
+        cutmix_minmax: CutMix box sides as a (min, max) fraction of the image's (forces
+            ``cutmix_alpha = 1``).
+        prob: the chance of mixing a batch (or an element / pair).
+        switch_prob: the chance of CutMix rather than Mixup when both are active.
+        mode: ``"batch"`` (one λ and box), ``"pair"`` (samples i and N - 1 - i mixed with each
+            other, one λ / box per pair: the first half's draws, mirrored) or ``"elem"`` (one
+            draw per sample).
+        correct_lam: λ from the clipped box's area.
+        label_smoothing: the soft targets' label smoothing.
+        num_classes: the soft targets' classes.
+        rng: fastmix's: numpy's global legacy generator by default (as timm: seed it with
+            ``np.random.seed``), or a ``RandomState`` / ``Generator`` of one's own.
+        fused: fastmix's, for the batch-mode Mixup (``mixup_images``; the default fuses on
+            CUDA, where the kernel forms ``1 - lam`` in float32, within an ulp of timm's, which
+            forms it in float64 before the multiply; ``fused=False`` is timm's arithmetic
+            exactly).
+
+    ``mixup_enabled`` (an attribute, as timm's) turns mixing off. Not timm's ``multi_label``
+    (dense multi-label targets).
 
     The partner of sample i is N - 1 - i (timm's ``x.flip(0)``), so the batch size must be
     even, as timm asserts. ``y_b`` is ``y.flip(0)``.
     """
 
-    def __init__(self, mixup_alpha=1.0, cutmix_alpha=0.0, cutmix_minmax=None, prob=1.0,
-                 switch_prob=0.5, mode="batch", correct_lam=True, label_smoothing=0.1,
-                 num_classes=1000, rng=None, fused=None):
+    def __init__(self, mixup_alpha: float = 1.0, cutmix_alpha: float = 0.0,
+                 cutmix_minmax: Optional[tuple] = None, prob: float = 1.0,
+                 switch_prob: float = 0.5, mode: str = "batch", correct_lam: bool = True,
+                 label_smoothing: float = 0.1, num_classes: int = 1000, rng=None,
+                 fused: Optional[bool] = None) -> None:
         _check_mode(mode)
         _check_smoothing(label_smoothing)
         if mixup_alpha < 0 or cutmix_alpha < 0:
@@ -224,7 +237,7 @@ class Mixup:
             lam = float(lam_mix)
         return lam, bool(use_cutmix)
 
-    def mix(self, x, y):
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """``(x_mixed, y_a, y_b, lam)`` with timm's draws: ``y_a = y``, ``y_b = y.flip(0)``,
         ``lam`` a float (batch) or a float32 [N] tensor on x's device (pair, elem)."""
         _check_batch(x, y, even=True)
@@ -263,7 +276,7 @@ class Mixup:
                          bool((mixed & ~cut).any()), bool(cut.any()))
         return x_mix, y, y_b, lam_t
 
-    def __call__(self, x, target):
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple:
         """``(x_mixed, soft targets [N, num_classes])``, timm's ``Mixup.__call__`` without
         touching ``x``."""
         x_mix, y_a, y_b, lam = self.mix(x, target)

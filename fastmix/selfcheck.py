@@ -1,14 +1,14 @@
 """First-run self-check: do the fused kernels work on this machine?
 
-``python -m fastmix.selfcheck`` prints the GPU, driver and library versions; runs each fused op
-against its eager twin (forward outputs and input gradients, fp32 and bf16, outputs
-NaN-poisoned before each call so an unwritten element shows) at real shapes; runs a few whole
-AutoMix training steps fused against eager; on a GPU times eager, ``torch.compile(eager)`` and
-fused for representative cases; and writes everything to a JSON report to attach to a bug
-report. Exit status 1 when any check fails; 2, with one line on stderr, for arguments checked
-before any work (a --device that is not a name, or absent on this machine; an --out that is a
-folder or cannot be written) and for a report that cannot be written (written atomically:
-a temporary file renamed over ``--out``).
+``python -m fastmix.selfcheck`` (installed: ``fastmix-selfcheck``) prints the GPU, driver and
+library versions; runs each fused op against its eager twin (forward outputs and input
+gradients, fp32 and bf16, outputs NaN-poisoned before each call so an unwritten element shows)
+at real shapes; runs a few whole AutoMix training steps fused against eager; on a GPU times
+eager, ``torch.compile(eager)`` and fused for representative cases; and writes everything to a
+JSON report to attach to a bug report. Exit status 1 when any check fails; 2, with one line on
+stderr, for arguments checked before any work (a --device that is not a name, or absent on this
+machine; an --out that is a folder or cannot be written) and for a report that cannot be
+written (written atomically: a temporary file renamed over ``--out``).
 
 ``train.py`` runs the correctness part once at start on CUDA (``--selfcheck auto``, the
 default; ``--no-selfcheck`` skips it) on the op calls its own step makes: the variants, shapes
@@ -627,8 +627,12 @@ def _read_cases(path):
     return cases
 
 
-def main(argv=None):
-    ap = _Parser(prog="python -m fastmix.selfcheck", description=__doc__.split("\n\n")[0])
+def main(argv=None) -> int:
+    """``python -m fastmix.selfcheck`` (installed: the ``fastmix-selfcheck`` command): the
+    exit status (see the module doc)."""
+    installed = os.path.basename(sys.argv[0]) == "fastmix-selfcheck"
+    ap = _Parser(prog="fastmix-selfcheck" if installed else "python -m fastmix.selfcheck",
+                 description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if any)")
     ap.add_argument("--out", default="selfcheck.json", help="the JSON report")
     ap.add_argument("--no-timing", action="store_true")

@@ -40,6 +40,16 @@ def skips_on_device(optimizer) -> bool:
         optimizer.defaults.get("fused")) and type(optimizer).__module__.startswith("torch.optim")
 
 
+def clip_gradients(optimizer, max_norm):
+    """mmcv's ``clip_grad_norm_`` over every parameter with a gradient (one global L2 norm
+    across the groups, the Mix Block included), as the official optimizer hook: device ops
+    only, no host read; a non-finite norm leaves non-finite gradients, which the step guard
+    skips."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if params:
+        torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+
 def init_momentum_buffers(optimizer):
     """Create every SGD momentum buffer as zeros before the first step.
 
@@ -146,8 +156,9 @@ class TrainStep:
     ``draw``: use these draws (``model.losses``) rather than making new ones (``step_model``)."""
 
     def __init__(self, model, optimizer, guard, autocast, scaler=None, step_model=None,
-                 set_to_none=True):
+                 set_to_none=True, clip=None):
         self.model, self.optimizer, self.guard, self.autocast = model, optimizer, guard, autocast
+        self.clip = clip
         self.scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
         self.step_model = step_model or model
         self.set_to_none = set_to_none
@@ -164,6 +175,10 @@ class TrainStep:
             loss, logs = self.step_model(x, y) if draw is None else self.model.losses(x, y, draw)
         self.optimizer.zero_grad(set_to_none=self.set_to_none)
         self.scaler.scale(loss).backward()
+        if self.clip:
+            if self.scaler.is_enabled():
+                self.scaler.unscale_(self.optimizer)
+            clip_gradients(self.optimizer, self.clip)
         ok = self.guard.after_backward(loss, self.optimizer, self.scaler)
         if not (self.host_skip and not self.scaler.is_enabled() and not bool(ok)):
             self.scaler.step(self.optimizer)
@@ -225,7 +240,8 @@ class CUDAGraphStep:
     step's memory beside the graph's pool): training loaders drop the last partial batch. Needs one process (no DDP) and no GradScaler (bf16 or fp32).
     """
 
-    def __init__(self, model, optimizer, guard, autocast, device, warmup=3, capture=None):
+    def __init__(self, model, optimizer, guard, autocast, device, warmup=3, capture=None,
+                 clip=None):
         if not getattr(model, "graph_capturable", True):
             raise ValueError(f"{type(model).__name__} ({getattr(model, 'method', '')}) cannot be "
                              f"replayed from one recorded step: its draws change the step's work "
@@ -250,7 +266,9 @@ class CUDAGraphStep:
         self.lr = [torch.zeros((), dtype=torch.float32, device=self.device)
                    for _ in optimizer.param_groups]
         self.lr_value = [None] * len(self.lr)
-        self.uncaptured = TrainStep(model, optimizer, guard, autocast, set_to_none=False)
+        self.clip = clip
+        self.uncaptured = TrainStep(model, optimizer, guard, autocast, set_to_none=False,
+                                    clip=clip)
 
     # ---- static inputs ---------------------------------------------------------------
     def _load(self, x, y, draw, scalars):
@@ -292,6 +310,8 @@ class CUDAGraphStep:
         with self.autocast():
             loss, logs = self.model.losses(self.x, self.y, self.draw)
         loss.backward()
+        if self.clip:
+            clip_gradients(self.optimizer, self.clip)
         ok = self.guard.after_backward(loss, self.optimizer)
         with self._tensor_lr():
             self.optimizer.step()

@@ -76,7 +76,8 @@ def _string_compares_on_method(path):
 
 
 @pytest.mark.parametrize("path", ["fastmix/config.py", "fastmix/engine.py", "fastmix/step.py",
-                                  "fastmix/checkpoint.py", "fastmix/selfcheck.py", "train.py"])
+                                  "fastmix/checkpoint.py", "fastmix/selfcheck.py", "train.py",
+                                  "fastmix/train_cli.py"])
 def test_no_method_switch_outside_the_methods_package(path):
     assert _string_compares_on_method(path) == []
 

@@ -52,6 +52,50 @@ def test_help_documents_every_flag():
         assert flag in text
 
 
+def test_help_is_grouped_by_section_and_lists_every_flag_once():
+    """--help: one section per ``config.SECTIONS`` entry (a field falls in the section of the
+    nearest start above it), --preset/--print-config in their own, each flag listed once."""
+    import inspect
+    import re
+    from dataclasses import fields
+
+    from fastmix.config import SECTIONS
+    p = train_cli.parser()
+    text = p.format_help()
+    for title in ["recipe"] + [t for _, t in SECTIONS]:
+        assert f"\n{title}:\n" in text, f"--help has no section {title!r}"
+    listed = []         # the option strings at the start of each option line
+    for line in text.split("\noptions:\n", 1)[1].splitlines():
+        m = re.match(r"  (-\S.*?)(?:\s{2,}|$)", line)
+        if m:
+            listed += [t.rstrip(",") for t in m.group(1).split() if t.startswith("-")]
+    every = [s for a in p._actions for s in a.option_strings]
+    assert len(listed) == len(set(listed)) and sorted(listed) == sorted(every)
+    # each Config field's flags in its section; --preset and --print-config in "recipe"
+    group_of = {}
+    for g in p._action_groups:
+        for a in g._group_actions:
+            for s in a.option_strings:
+                assert s not in group_of, f"{s} is in two sections"
+                group_of[s] = g.title
+    starts, section = dict(SECTIONS), None
+    for f in fields(Config):
+        section = starts.get(f.name, section)
+        for a in p._actions:
+            if a.dest == f.name:
+                assert [group_of[s] for s in a.option_strings] == [section] * len(a.option_strings)
+    assert group_of["--preset"] == group_of["--print-config"] == "recipe"
+    # every section starts at the first field under one of Config's comment headers, and the
+    # first field starts one (a field added above a section's first field breaks this)
+    src = inspect.getsource(Config).splitlines()
+    after_header = [re.match(r"    (\w+):", src[i + 1]).group(1) for i, line in enumerate(src)
+                    if re.match(r"    # ", line) and re.match(r"    \w+:", src[i + 1])]
+    assert fields(Config)[0].name in starts
+    for start in starts:
+        assert start in after_header, f"SECTIONS start {start!r} is not the first field of a " \
+                                      f"section of Config (its headers start {after_header})"
+
+
 def test_presets_resolve_and_flags_override(capsys):
     for name in train_cli.PRESETS:
         assert train_cli.main(["--preset", name, "--print-config"]) == 0

@@ -1,4 +1,4 @@
-"""Write an array dataset out as an ImageFolder of JPEGs (for the DALI / PIL loaders).
+"""Write an array dataset out as an ImageFolder of JPEGs or PNGs (for the DALI / PIL loaders).
 
     python -m fastmix.data.export --dataset fashion-mnist --out DIR [--data-dir D] [--limit N]
     python -m fastmix.data.export --dataset cifar10 --data-dir ~/data --out DIR
@@ -102,8 +102,9 @@ def _class_folders(names):
     return folders
 
 
-def write_split(ds, names, out_dir, limit=None, quality=90, shown_as=None):
-    """Write one ArrayDataset as ``out_dir/<class>/<i>.jpg``; returns the number written.
+def write_split(ds, names, out_dir, limit=None, quality=90, shown_as=None, fmt="jpeg"):
+    """Write one ArrayDataset as ``out_dir/<class>/<i>.jpg`` (``fmt="png"``: ``<i>.png``,
+    lossless); returns the number written.
 
     A folder or file that cannot be written (a full disk, no permission) raises
     :class:`ExportError` naming it (as ``shown_as/<class>/<i>.jpg`` when ``shown_as`` is
@@ -121,9 +122,12 @@ def write_split(ds, names, out_dir, limit=None, quality=90, shown_as=None):
         for i in idx:
             img = images[i]                      # uint8 [C, H, W]
             img = Image.fromarray(img[0], "L") if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0), "RGB")
-            name = os.path.join(folders[labels[i]], f"{i}.jpg")
+            name = os.path.join(folders[labels[i]], f"{i}.{'png' if fmt == 'png' else 'jpg'}")
             buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=quality)
+            if fmt == "png":
+                img.save(buf, format="PNG")
+            else:
+                img.save(buf, format="JPEG", quality=quality)
             with open(os.path.join(out_dir, name), "wb") as f:
                 f.write(buf.getbuffer())
     except OSError as e:
@@ -140,7 +144,7 @@ def load_split(dataset, data_dir, train):
     raise ValueError(f"cannot export {dataset!r}; choose from {', '.join(EXPORTABLE)}")
 
 
-def export(dataset, out, data_dir=None, limit=None, quality=90, overwrite=False):
+def export(dataset, out, data_dir=None, limit=None, quality=90, overwrite=False, fmt="jpeg"):
     """Export ``dataset``'s train and test sets to ``out/train`` and ``out/val``.
 
     Returns ``{"train": n, "val": n}``. Raises DatasetError for a missing/bad source or a
@@ -173,7 +177,8 @@ def export(dataset, out, data_dir=None, limit=None, quality=90, overwrite=False)
             raise ExportError(f"cannot create a folder in {out}: {e.strerror or e}") from e
         try:
             counts = {split: write_split(ds, names, os.path.join(staging, split), limit,
-                                         quality, shown_as=os.path.join(out, split))
+                                         quality, shown_as=os.path.join(out, split),
+                                         fmt=fmt)
                       for split, ds in sources.items()}
         except ExportError as e:
             raise ExportError(f"{e}; nothing was exported (the partial export was removed, "
@@ -230,6 +235,9 @@ def main(argv=None):
     p.add_argument("--data-dir", help="source folder (default: the dataset's default location)")
     p.add_argument("--limit", type=int, help="at most this many images per split (class-balanced)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
+    p.add_argument("--format", default="jpeg", choices=("jpeg", "png"),
+                   help="jpeg (default) or png: lossless, the pixels of the source arrays (the "
+                        "CIFAR ViT presets read their 32-px images this way)")
     p.add_argument("--overwrite", action="store_true", help="replace existing OUT/train, OUT/val")
     args = p.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
@@ -242,7 +250,8 @@ def main(argv=None):
     if args.data_dir is not None and not os.path.isdir(args.data_dir):
         p.error(f"--data-dir {args.data_dir}: not a folder (it holds the {args.dataset} files)")
     try:
-        counts = export(args.dataset, args.out, args.data_dir, args.limit, args.quality, args.overwrite)
+        counts = export(args.dataset, args.out, args.data_dir, args.limit, args.quality,
+                        args.overwrite, args.format)
     except (DatasetError, ExportError, ValueError) as e:
         print(f"export: error: {e}", file=sys.stderr)
         return 2

@@ -92,12 +92,14 @@ class Pipeline(tuple):
     """One augmentation recipe of spec §3 (``PIPELINES``): ``pre_resize`` (shorter side to
     ``size * pre_resize`` before the training crop, or None), ``scale`` (RandomResizedCrop's area
     range), ``interp`` ("bicubic" or "bilinear", every resize), ``val_ratio`` (test: shorter
-    side to ``size * val_ratio``, then the centre ``size`` crop)."""
+    side to ``size * val_ratio``, then the centre ``size`` crop), ``randaug`` (a timm RandAugment
+    config string applied after the crop and flip, e.g. ``rand-m9-mstd0.5-inc1``, or None; it
+    runs on PIL images in the DataLoader workers, so only ``--loader torchvision`` takes it)."""
     __slots__ = ()
-    _fields = ("pre_resize", "scale", "interp", "val_ratio")
+    _fields = ("pre_resize", "scale", "interp", "val_ratio", "randaug")
 
-    def __new__(cls, pre_resize, scale, interp, val_ratio):
-        return tuple.__new__(cls, (pre_resize, scale, interp, val_ratio))
+    def __new__(cls, pre_resize, scale, interp, val_ratio, randaug=None):
+        return tuple.__new__(cls, (pre_resize, scale, interp, val_ratio, randaug))
 
     def __getattr__(self, name):
         try:
@@ -115,7 +117,38 @@ PIPELINES = {
     # CUB-200 / Aircraft: Resize 256, RandomResizedCrop(224, scale 0.5-1) + flip; Resize 256 +
     # CenterCrop 224. The spec names no interpolation here: torchvision's default, bilinear.
     "fine-grained": Pipeline(256 / 224, (0.5, 1.0), "bilinear", 256 / 224),
+    # The official ViT recipes (OpenMixup's sz224_randaug CIFAR-100 base): CIFAR's 32-px images
+    # upsampled by RandomResizedCrop(224, scale 0.8-1, bicubic) + flip + RandAugment (2 ops,
+    # magnitude 7, std 0.5; timm's op set, where the official config draws from FixMatch's 14
+    # ops); test: Resize(224, bicubic), no crop.
+    "cifar-vit": Pipeline(None, (0.8, 1.0), "bicubic", 1.0, "rand-m7-n2-mstd0.5"),
+    # ImageNet DeiT (OpenMixup's swin_sz224_8xbs128 base, timm's create_transform):
+    # RandomResizedCrop(224, 0.08-1, bicubic) + flip + RandAugment m9 mstd0.5 inc1; test
+    # Resize 256 + CenterCrop 224. Its RandomErasing (p 0.25) is not applied (docs/vit.md).
+    "deit": Pipeline(None, RRC_SCALE, "bicubic", 256 / 224, "rand-m9-mstd0.5-inc1"),
 }
+
+
+def randaugment(config, mean=IMAGENET_MEAN):
+    """timm's RandAugment for ``config`` (a PIL image -> a PIL image), filling with ``mean``."""
+    from timm.data.auto_augment import rand_augment_transform
+    fill = tuple(int(round(255 * m)) for m in mean)
+    return rand_augment_transform(config, dict(translate_const=100, img_mean=fill))
+
+
+def seeded_call(fn, img, seed):
+    """``fn(img)`` with Python's and numpy's global generators seeded from ``seed`` (timm's
+    augmentations draw from them) and restored afterwards: the same sample gets the same ops
+    whatever process or order runs it, and nothing else sees the draws."""
+    import random
+    state, np_state = random.getstate(), np.random.get_state()
+    try:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        return fn(img)
+    finally:
+        random.setstate(state)
+        np.random.set_state(np_state)
 
 
 def _shorter_to(w, h, r):
@@ -696,10 +729,15 @@ class ImageFileDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, files, labels, size, train, seed=0, decoder="pil", raw=False,
-                 pipeline="imagenet"):
+                 pipeline="imagenet", mean=IMAGENET_MEAN):
         if decoder not in ("pil", "torchvision"):
             raise ValueError(f"decoder must be 'pil' or 'torchvision', got {decoder!r}")
         self.pipeline = PIPELINES[pipeline]
+        if raw and train and self.pipeline.randaug:
+            raise ValueError(f"the {pipeline} pipeline's RandAugment runs on decoded PIL images "
+                             f"in the workers: it cannot decode on the device (raw=False)")
+        self.randaug = randaugment(self.pipeline.randaug, mean) \
+            if train and self.pipeline.randaug else None
         self.files, self.labels = files, labels
         self.size, self.train, self.seed, self.epoch = size, train, seed, 0
         self.decoder, self.raw = decoder, raw
@@ -739,9 +777,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
             raise self._error(index, e) from e
         interp = self.pipeline.interp
         if self.decoder == "pil":
-            return apply_geometry_pil(img, self.geometry(index, *img.size), self.size, interp)
-        g = self.geometry(index, img.shape[2], img.shape[1])
-        return apply_geometry(img, g, self.size, interp).permute(1, 2, 0).contiguous()
+            out = apply_geometry_pil(img, self.geometry(index, *img.size), self.size, interp)
+        else:
+            g = self.geometry(index, img.shape[2], img.shape[1])
+            out = apply_geometry(img, g, self.size, interp).permute(1, 2, 0).contiguous()
+        return out if self.randaug is None else self.augment(out, index)
+
+    def augment(self, hwc, index):
+        """The pipeline's RandAugment on one uint8 HWC crop, drawn from ``(seed, epoch, index)``."""
+        from PIL import Image
+        arr = hwc.numpy() if isinstance(hwc, torch.Tensor) else hwc
+        seed = int(np.random.default_rng((self.seed, self.epoch, index, 1)).integers(2**62))
+        out = np.asarray(seeded_call(self.randaug, Image.fromarray(arr), seed))
+        return torch.from_numpy(out.copy()) if isinstance(hwc, torch.Tensor) else out
 
     def load_raw(self, index):
         """``(file bytes as a uint8 tensor, geometry)`` without decoding the pixels (the size
@@ -890,13 +938,14 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
         self._setup(root, split, batch_size, train, size, device, shard, seed, dtype,
                     channels_last, mean, std, scan, verify, subset, pipeline)
         if decode_on_device is None:
-            decode_on_device = self.decoder == "torchvision" and self.device.type == "cuda"
+            decode_on_device = self.decoder == "torchvision" and self.device.type == "cuda" \
+                and not (train and PIPELINES[pipeline].randaug)
         if decode_on_device and self.decoder != "torchvision":
             raise ValueError("decode_on_device needs decoder='torchvision'")
         self.decode_on_device = decode_on_device
         self.dataset = ImageFileDataset(self.files, self.labels, size, train, seed,
                                         decoder=self.decoder, raw=decode_on_device,
-                                        pipeline=pipeline)
+                                        pipeline=pipeline, mean=mean)
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self._mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255
@@ -1025,8 +1074,16 @@ def build_imagefolder_loader(root, split, batch_size, train, loader="auto", devi
               channels_last=channels_last, num_workers=num_workers, mean=mean, std=std, scan=scan,
               pipeline=pipeline)
     ok, info = dali_available()
+    randaug = train and PIPELINES.get(pipeline, PIPELINES["imagenet"]).randaug
+    if loader == "dali" and randaug:
+        raise ValueError(f"the {pipeline} pipeline's RandAugment ({randaug}) runs on PIL images "
+                         f"in DataLoader workers, which DALI has not: use --loader torchvision "
+                         f"(--loader auto picks it)")
     if loader == "torchvision":
         why = "requested (--loader torchvision)"
+    elif randaug:
+        why = f"auto: the {pipeline} pipeline's RandAugment runs in the DataLoader workers"
+        loader = "torchvision"
     elif loader == "dali":
         if not ok:
             raise ImportError(f"--loader dali: NVIDIA DALI does not import ({info}); install it "

@@ -16,13 +16,16 @@ Per training step, with x [N, C, H, W] and labels y:
 5. after the optimizer step, ``after_step`` moves the momentum encoder and its two heads
    towards the online ones (parameters only, not BN buffers) with the cosine EMA schedule.
 
-Not implemented (unused by every ResNet config of the spec): ``mask_adjust``, ``switch_off``,
+The official ViT options ``switch_off`` and ``mask_adjust`` are constructor arguments (off by
+default, as in every CNN config). Not implemented (unused by every config of the spec):
 ``head_one_mix``, ``head_ensemble``, the SAMix options, the legacy ``pre_*`` losses.
 A NaN mask loss is not dropped on the host (that would sync); NaN steps are the trainer's job.
 """
 import copy
+from typing import Optional
 
 import torch
+import torch.nn as nn
 
 from fastmix.backbones import ClsHead
 from fastmix.methods.base import MixMethod, ema_update_
@@ -40,21 +43,68 @@ def _select_mixup(fallback, lam, logits):
 
 
 class AutoMix(MixMethod):
-    """AutoMix (see the module doc): an online encoder with two heads, its momentum (EMA)
-    encoder with two frozen heads, and the Mix Block.
+    """AutoMix (ECCV 2022; see the module doc): an online encoder with two heads, its momentum
+    (EMA) encoder with two frozen heads, and the Mix Block that learns how to mix.
 
-    ``AutoMix(backbone, num_classes)`` takes a backbone that returns ``[tap, final]`` features
-    (``fastmix.build_backbone``, ``FeatureTap``); ``alpha``: Beta(α, α) of both draws;
-    ``ema_momentum`` -> ``ema_end``: the momentum encoder's cosine schedule after a linear
-    ``ema_warmup`` fraction; ``mask_loss_*``: the Mix Block's mask loss; ``lam_margin``: the
-    backbone sample is Mixup when λ is within it of 0 or 1; ``lam_concat``: the λ channel of
-    the ImageNet configs; ``upsample``: the mask's upsampling; ``mix_shuffle_no_repeat``:
-    permutations without fixed points (a batch of one sample then raises ``ValueError``: no
-    such permutation exists); ``seed``: the host λ draws;
-    ``fused``: the Triton kernels (None: on CUDA). ``forward_train(x, y) -> (loss, logs)``
-    (also ``model(x, y)``) is one step's loss; ``after_step`` moves the momentum encoder;
-    ``predict(x)`` gives all four heads, ``model(x)`` the ``one_k`` head's logits;
-    ``mix(x, y)`` the Mix Block's mixed batch."""
+    The model is an ``nn.Module``:
+
+    - ``model(x, y)`` (= ``forward_train(x, y)``) -> ``(loss, logs)``: one training step's
+      scalar loss (backward it, step the optimizer) and a dict of 0-d tensors to log;
+    - ``model.after_step(step, total_steps)`` after each optimizer step: moves the momentum
+      encoder and its heads towards the online ones (the EMA);
+    - ``model(x)`` -> the inference logits (the ``one_k`` head: momentum encoder + one-hot
+      head, the official inference model); ``predict(x)`` -> all four heads' logits
+      ``{one_k, mix_k, one_q, mix_q}``; ``inference_model(head)`` -> a standalone classifier;
+    - ``mix(x, y)`` -> ``(mixed images, y_a, y_b, λ)``: a batch mixed by the Mix Block.
+
+    Args:
+        backbone: the encoder, an ``nn.Module`` whose forward returns ``[tap, final]`` feature
+            maps and whose ``out_channels`` is ``(tap channels, final channels)``
+            (``fastmix.build_backbone``, ``FeatureTap``, ``TimmBackbone``). It is trained as
+            the online encoder; a deep copy becomes the momentum encoder.
+        num_classes: the number of classes (at least 2) of the four linear heads.
+        alpha: λ ~ Beta(alpha, alpha) for both draws of a step (the Mix Block's λ_mb and the
+            backbone's λ_bb); 0: no mixing (λ = 1).
+        ema_momentum: the momentum encoder's EMA momentum at the start, held for the first
+            ``ema_warmup`` fraction of training.
+        ema_end: the final EMA momentum, reached by a cosine (``fastmix.schedules``).
+        ema_warmup: the fraction of training (0-1) the momentum stays at ``ema_momentum``.
+        mask_loss_weight: the weight of the Mix Block's mask loss (at step 0).
+        mask_loss_schedule: the mask-loss weight over training: ``"constant"``,
+            ``"official-cosine"`` (the official hook's compounding cosine, a warm-up) or
+            ``"cosine"`` (a clean decay to 0); see ``fastmix.schedules.MaskLossWeight``.
+        mask_loss_mode: ``"L1"`` or ``"L1+Variance"`` (``MixBlock.mask_loss``).
+        mask_loss_margin: the L1 mask loss's margin: ``relu(|1 - mean(m) - λ| - margin)``.
+        lam_margin: when λ_bb is within this of 0 or 1, the backbone's sample is plain Mixup
+            instead of the Mix Block's mask.
+        lam_concat: feed λ to the Mix Block as an extra input channel (the ImageNet, CUB,
+            Aircraft and ViT configs).
+        reduction: the Mix Block's query/key width is ``tap channels // reduction``.
+        upsample: how the mask is upsampled to the image: ``"nearest"`` or ``"bilinear"``.
+        mix_shuffle_no_repeat: draw partner permutations without fixed points (no image is
+            mixed with itself; a batch of one sample then raises ``ValueError``).
+        label_smoothing: label smoothing (0-1) of every cross-entropy loss.
+        head_weights: weights of the three classification losses, a dict over ``"mix_q"``,
+            ``"one_q"``, ``"mix_k"`` (default 1 each; the mask loss has ``mask_loss_weight``).
+        k_early_exit: the momentum encoder's clean pass stops at the tapped stage (a speed-up
+            that changes its later stages' BN statistics; needs a backbone whose forward
+            takes ``tap_only``).
+        switch_off: the official ViT option, a probability p in [0, 1]: with 0 < p < 1 the
+            Mix Block's classification loss (the momentum encoder's pass on its mixed batch)
+            is computed in a step with probability p only; 0 or 1: every step.
+        mask_adjust: the official option, a probability q in [0, 1]: with probability q a
+            step rescales the backbone's mask so its mean is the Mix Block's λ.
+        seed: the seed of the host numpy generator (λ and the other host draws); None: fresh
+            entropy.
+        fused: True: the fused Triton kernels; False: their eager PyTorch twins; None (the
+            default): fused on CUDA when Triton imports, eager elsewhere.
+
+    Raises:
+        ValueError: a backbone without ``out_channels = (tap, final)``, EMA momenta or
+            probabilities outside [0, 1], ``k_early_exit`` with a backbone that cannot stop
+            early, ``num_classes < 2``, a negative ``alpha``, ``label_smoothing`` outside
+            [0, 1), or an unknown ``mask_loss_schedule``, ``mask_loss_mode`` or ``upsample``.
+    """
     name = "automix"
     default_alpha = 2.0
     needs = ("tap",)
@@ -63,7 +113,7 @@ class AutoMix(MixMethod):
     head_names = HEADS
 
     @classmethod
-    def config_problems(cls, cfg):
+    def config_problems(cls, cfg) -> list:
         """``--mix-shuffle-no-repeat true`` with ``--batch-size 1``: no permutation of one
         sample without fixed points exists (it would be mixed with itself)."""
         problems = []
@@ -78,7 +128,7 @@ class AutoMix(MixMethod):
         return problems
 
     @classmethod
-    def build(cls, cfg, backbone, num_classes, alpha, seed=None, fused=None):
+    def build(cls, cfg, backbone, num_classes, alpha, seed=None, fused=None) -> "AutoMix":
         """The trainer's AutoMix from a ``fastmix.config.Config`` (``ValueError`` for settings
         it cannot run with, :meth:`config_problems`)."""
         problems = cls.config_problems(cfg)
@@ -96,7 +146,7 @@ class AutoMix(MixMethod):
                    seed=seed, fused=fused)
 
     @torch.no_grad()
-    def mix(self, x, y):
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """``(mixed images, y_a, y_b, λ)``: one batch mixed by the Mix Block's mask (the
         momentum encoder's features, a fresh draw), as the online encoder trains on it."""
         lam = self.sample_lam()
@@ -107,13 +157,16 @@ class AutoMix(MixMethod):
         m = self.mix_block.mask_from_logits(logits, x.shape[-2:])[:, 1]
         return x_mix, y, y[index], 1.0 - m.flatten(1).mean(1)
 
-    def __init__(self, backbone, num_classes, alpha=2.0, ema_momentum=0.999, ema_end=0.999999,
-                 ema_warmup=0.1, mask_loss_weight=0.1, mask_loss_schedule="constant",
-                 mask_loss_mode="L1",
-                 mask_loss_margin=0.1, lam_margin=0.08, lam_concat=False, reduction=2,
-                 upsample="nearest", mix_shuffle_no_repeat=False, label_smoothing=0.0,
-                 head_weights=None, k_early_exit=False, switch_off=0.0, mask_adjust=0.0,
-                 seed=None, fused=None):
+    def __init__(self, backbone: nn.Module, num_classes: int, alpha: float = 2.0,
+                 ema_momentum: float = 0.999, ema_end: float = 0.999999,
+                 ema_warmup: float = 0.1, mask_loss_weight: float = 0.1,
+                 mask_loss_schedule: str = "constant", mask_loss_mode: str = "L1",
+                 mask_loss_margin: float = 0.1, lam_margin: float = 0.08,
+                 lam_concat: bool = False, reduction: int = 2, upsample: str = "nearest",
+                 mix_shuffle_no_repeat: bool = False, label_smoothing: float = 0.0,
+                 head_weights: Optional[dict] = None, k_early_exit: bool = False,
+                 switch_off: float = 0.0, mask_adjust: float = 0.0, seed: Optional[int] = None,
+                 fused: Optional[bool] = None) -> None:
         super().__init__(num_classes, alpha=alpha, label_smoothing=label_smoothing, seed=seed,
                          fused=fused)
         if not isinstance(getattr(backbone, "out_channels", None), (tuple, list)) or \
@@ -160,7 +213,7 @@ class AutoMix(MixMethod):
         self._ema_pairs = None
 
     # ---- the training step -------------------------------------------------------------
-    def draw(self, x):
+    def draw(self, x: torch.Tensor) -> dict:
         """Two independent draws: (λ_mb, index_mb) for the Mix Block, (λ_bb, index_bb) for
         the backbone; λ from the host generator, the permutations on ``x``'s device."""
         n, device = x.shape[0], x.device
@@ -178,7 +231,8 @@ class AutoMix(MixMethod):
             draw["train_mb"] = bool(self.rng.random() <= self.switch_off)
         return draw
 
-    def losses(self, x, y, draw):
+    def losses(self, x: torch.Tensor, y: torch.Tensor, draw: dict) -> tuple:
+        """``(loss, logs)`` of one step given ``draw`` (see the module doc, steps 2-4)."""
         lam_mb, lam_bb = draw["lam_mb"], draw["lam_bb"]
         index_mb, index_bb = draw["index_mb"], draw["index_bb"]
         # The BB sample falls back to Mixup when λ_bb is within lam_margin of 0 or 1: a host
@@ -272,20 +326,22 @@ class AutoMix(MixMethod):
             self._ema_pairs = (k, q)
         return self._ema_pairs
 
-    def ema_update(self, weight, finite=None):
+    def ema_update(self, weight, finite=None) -> None:
         """θ_k <- θ_k + w (θ_q - θ_k), w = 1 - m, as multi-tensor ops (``ema_update_``, the
         update every method's ``--ema`` shares); ``finite`` False: a no-op, on the device."""
         ema_update_(*self._pairs(), weight, finite)
 
-    def ema_momentum_at(self, step, total_steps):
+    def ema_momentum_at(self, step: int, total_steps: int) -> float:
         """The EMA momentum after optimizer step ``step`` (spec §2.3's cosine schedule)."""
         return schedules.ema_momentum(step, total_steps, self.ema_momentum, self.ema_end,
                                       self.ema_warmup)
 
-    def step_scalars(self, step, total_steps):
+    def step_scalars(self, step: int, total_steps: int) -> dict:
+        """``{"ema_weight": 1 - momentum}`` after optimizer step ``step``."""
         return {"ema_weight": 1.0 - self.ema_momentum_at(step, total_steps)}
 
-    def apply_step_scalars(self, scalars, finite=None):
+    def apply_step_scalars(self, scalars: dict, finite=None) -> None:
+        """The momentum encoder's EMA update with ``step_scalars``' weight."""
         self.ema_update(scalars["ema_weight"], finite)
 
     def _apply(self, fn, *args, **kwargs):
@@ -294,14 +350,14 @@ class AutoMix(MixMethod):
 
     # ---- evaluation ----------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x):
+    def predict(self, x: torch.Tensor) -> dict:
         """Logits of all four heads: {one_k, mix_k, one_q, mix_q} (spec §2.4)."""
         f_k = _tap_and_final(self.backbone_k(x))[1]
         f_q = _tap_and_final(self.backbone_q(x))[1]
         return {"one_k": self.head_one_k(f_k), "mix_k": self.head_mix_k(f_k),
                 "one_q": self.head_one_q(f_q), "mix_q": self.head_mix_q(f_q)}
 
-    def head_modules(self, head=None):
+    def head_modules(self, head: Optional[str] = None) -> tuple:
         """``(encoder, head module)`` of ``head`` (default ``one_k``): the momentum encoder for
         the ``_k`` heads, the online one for the ``_q`` heads."""
         head = self._check_head(head)
@@ -309,7 +365,7 @@ class AutoMix(MixMethod):
         return backbone, getattr(self, "head_" + head)
 
 
-def adjust_mask(s, lam, eps=1e-8):
+def adjust_mask(s: torch.Tensor, lam, eps: float = 1e-8) -> torch.Tensor:
     """``mask_adjust``'s rescale (spec §2.1): ``s`` [N, 1, H, W] the partner's weight, so
     ``1 - s`` is each image's; where an image's mean weight is above ``lam`` (+eps) its weight
     is scaled by ``lam / mean``, where below (−eps) the partner's weight ``1 − w`` is scaled by

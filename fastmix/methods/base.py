@@ -32,6 +32,7 @@ A method is an ``nn.Module`` with
 """
 import copy
 import numbers
+from typing import Optional
 
 import numpy as np
 import torch
@@ -100,10 +101,21 @@ class HostDraws:
 
 
 class MixMethod(MethodFacts, HostDraws, nn.Module):
+    """The interface the trainer drives (see the module doc): ``model(x, y)`` -> ``(loss,
+    logs)``, ``model(x)`` -> logits, ``predict``, ``after_step``, ``inference_model``.
+
+    Args:
+        num_classes: the number of classes (at least 2).
+        alpha: λ ~ Beta(alpha, alpha) (0: no mixing).
+        label_smoothing: label smoothing (0-1) of the cross-entropy losses.
+        seed: the seed of the host numpy generator of the draws.
+        fused: True / False / None: the Triton kernels, their eager twins, or fused on CUDA.
+    """
     default_head = "cls"
     head_names = ("cls",)
 
-    def __init__(self, num_classes, alpha=1.0, label_smoothing=0.0, seed=None, fused=None):
+    def __init__(self, num_classes: int, alpha: float = 1.0, label_smoothing: float = 0.0,
+                 seed: Optional[int] = None, fused: Optional[bool] = None) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -119,7 +131,7 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
         self.rng = np.random.default_rng(seed)
         self.progress = (0, 1)
 
-    def set_progress(self, step, total_steps):
+    def set_progress(self, step: int, total_steps: int) -> None:
         """The step about to run (0-based) of ``total_steps``: see the module doc."""
         self.progress = (step, total_steps)
 
@@ -155,11 +167,14 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
         """``(loss, logs)`` of one step given ``draw`` (host values or device tensors)."""
         raise NotImplementedError
 
-    def forward_train(self, x, y):
+    def forward_train(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
+        """``(loss, logs)`` of one training step on images ``x`` [N, C, H, W] and int64
+        labels ``y`` [N]: ``losses(x, y, draw(x))`` after checking the batch."""
         self.check_batch(x, y)
         return self.losses(x, y, self.draw(x))
 
-    def forward(self, x, y=None):
+    def forward(self, x: torch.Tensor, y: Optional[torch.Tensor] = None
+                ) -> "torch.Tensor | tuple":
         """``model(x, y)``: ``forward_train`` (one step's ``(loss, logs)``), so DDP (which hooks
         ``forward``) wraps the training step. ``model(x)``: the inference head's logits
         (``default_head``: the values of ``predict(x)[default_head]`` in the same mode), with
@@ -179,7 +194,7 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
             raise ValueError(f"head must be one of {self.head_names}, got {head!r}")
         return head
 
-    def head_logits(self, x, head=None):
+    def head_logits(self, x: torch.Tensor, head: Optional[str] = None) -> torch.Tensor:
         """Logits of ``head`` (default: ``default_head``) for images ``x``."""
         encoder, module = self.head_modules(head)
         return module(final_features(encoder(x)))
@@ -191,7 +206,7 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
     def apply_step_scalars(self, scalars, finite=None):
         """The after-step update given ``step_scalars``' values (floats or 0-d tensors)."""
 
-    def after_step(self, step, total_steps, finite=None):
+    def after_step(self, step: int, total_steps: int, finite=None) -> None:
         """Called after every optimizer step; ``finite`` (a 0-d bool device tensor or None)
         says whether the step was applied (False: it was skipped for a non-finite loss)."""
         self.apply_step_scalars(self.step_scalars(step, total_steps), finite)
@@ -200,13 +215,15 @@ class MixMethod(MethodFacts, HostDraws, nn.Module):
         """The EMA momentum after optimizer step ``step``; None for a method without an EMA."""
         return None
 
-    def rng_state(self):
+    def rng_state(self) -> dict:
+        """The host generator's state (saved in checkpoints, for exact resumption)."""
         return self.rng.bit_generator.state
 
-    def load_rng_state(self, state):
+    def load_rng_state(self, state: dict) -> None:
+        """Restore the host generator from ``rng_state()``'s value."""
         self.rng.bit_generator.state = state
 
-    def inference_model(self, head=None):
+    def inference_model(self, head: Optional[str] = None) -> "InferenceModel":
         """The classifier of ``head`` (default: ``default_head``) to export or deploy: an
         :class:`InferenceModel` in eval mode holding copies of its encoder and head module, so
         neither its mode nor later training changes the other. ``model.inference_model()(x)``
@@ -236,7 +253,7 @@ class InferenceModel(nn.Module):
         super().__init__()
         self.backbone, self.head, self.head_name = backbone, head, head_name
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(final_features(self.backbone(x)))
 
     def __iter__(self):
@@ -247,7 +264,8 @@ class InferenceModel(nn.Module):
         return f"head_name={self.head_name!r}"
 
 
-def soft_targets(y_a, y_b, lam, num_classes, label_smoothing=0.0):
+def soft_targets(y_a: torch.Tensor, y_b: Optional[torch.Tensor], lam, num_classes: int,
+                 label_smoothing: float = 0.0) -> torch.Tensor:
     """timm's ``mixup_target``: ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)`` with each
     one-hot smoothed to ``1 - eps + eps / K`` on the class and ``eps / K`` elsewhere; float32
     [N, K] on the labels' device.
@@ -427,14 +445,34 @@ class Mixer(MethodFacts, HostDraws):
 class Classifier(MixMethod):
     """One backbone and one linear head trained with a ``Mixer`` (every method but AutoMix).
 
-    ``ema``: ``dict(momentum, end, warmup)`` keeps an EMA copy of the backbone and head
-    (``ema_backbone``, ``ema_head``: parameters and floating-point buffers, BN statistics
-    included, as timm's ``ModelEmaV3``) on AutoMix's momentum schedule
-    (``fastmix.schedules.ema_momentum``) with the same sync-free update (``ema_update_``); it
-    is evaluated as the head ``"ema"`` beside ``"cls"`` and is the default inference head.
+    ``Classifier(build_backbone("resnet18_cifar"), 100, fastmix.methods.CutMix(alpha=0.2))``:
+    ``model(x, y)`` -> ``(loss, logs)`` (the mixer's mixed images and its mixed
+    cross-entropy), ``model.after_step(step, total_steps)`` after each optimizer step (the
+    EMA, if any), ``model(x)`` -> the inference head's logits, ``predict(x)`` -> every head's.
+
+    Args:
+        backbone: an ``nn.Module`` returning a list of feature maps whose last is the final
+            one, with ``out_channels[1]`` its channels (``fastmix.build_backbone``,
+            ``FeatureTap``, ``TimmBackbone``); the methods that need it check more
+            (``Mixer.check_backbone``: ManifoldMix's ``mix_at``).
+        num_classes: the number of classes (at least 2) of the linear head (``ClsHead``);
+            also the mixer's, when it was built without one.
+        mixer: the method, a ``fastmix.methods.Mixer`` (``Mixup``, ``CutMix``, ``FMix``,
+            ...; ``fastmix.methods.METHODS[name](alpha, label_smoothing, ...)``).
+        ema: None, or ``dict(momentum, end, warmup)`` (defaults 0.999, 0.999999, 0.1) to keep
+            an EMA copy of the backbone and head (``ema_backbone``, ``ema_head``: parameters
+            and floating-point buffers, BN statistics included, as timm's ``ModelEmaV3``) on
+            AutoMix's momentum schedule (``fastmix.schedules.ema_momentum``) with the same
+            sync-free update (``ema_update_``); it is evaluated as the head ``"ema"`` beside
+            ``"cls"`` and is the default inference head.
+
+    Raises:
+        ValueError: ``num_classes < 2``, unknown ``ema`` keys or momenta outside [0, 1], or a
+            backbone the mixer cannot use. TypeError: ``mixer`` is not a ``Mixer``.
     """
 
-    def __init__(self, backbone, num_classes, mixer, ema=None):
+    def __init__(self, backbone: nn.Module, num_classes: int, mixer: "Mixer",
+                 ema: Optional[dict] = None) -> None:
         nn.Module.__init__(self)
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -487,24 +525,27 @@ class Classifier(MixMethod):
     def fused(self, value):
         self.mixer.fused = value
 
-    def logits(self, x, mix_at=None, mix_fn=None):
+    def logits(self, x: torch.Tensor, mix_at=None, mix_fn=None) -> torch.Tensor:
+        """The ``cls`` head's logits (``mix_at``/``mix_fn``: ManifoldMix's hidden mix)."""
         if mix_at is None:
             return self.head(self.backbone(x)[-1])
         return self.head(self.backbone(x, mix_at=mix_at, mix_fn=mix_fn)[-1])
 
-    def draw(self, x):
+    def draw(self, x: torch.Tensor) -> dict:
+        """The mixer's draws for batch ``x``."""
         return self.mixer.draw(x)
 
-    def mix_with(self, x, y, draw):
+    def mix_with(self, x: torch.Tensor, y: torch.Tensor, draw: dict) -> tuple:
         """``(mixed images, y_a, y_b, λ)`` for this batch and ``draw`` (this model is handed to
         the methods that need it: PuzzleMix's saliency)."""
         return self.mixer.mix_with(x, y, draw, self)
 
-    def mix(self, x, y):
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> tuple:
         """``(mixed images, y_a, y_b, λ)`` for this batch, with a fresh draw."""
         return self.mix_with(x, y, self.draw(x))
 
-    def losses(self, x, y, draw):
+    def losses(self, x: torch.Tensor, y: torch.Tensor, draw: dict) -> tuple:
+        """``(loss, logs)`` of one step given ``draw`` (the mixer's loss)."""
         return self.mixer.losses(self, x, y, draw)
 
     # ---- the EMA ----------------------------------------------------------------------------
@@ -520,7 +561,7 @@ class Classifier(MixMethod):
                                tensors(self.backbone, self.head))
         return self._ema_pairs
 
-    def ema_momentum_at(self, step, total_steps):
+    def ema_momentum_at(self, step: int, total_steps: int) -> Optional[float]:
         """The EMA momentum after optimizer step ``step`` (AutoMix's cosine schedule); None
         without an EMA."""
         e = self.ema
@@ -528,12 +569,14 @@ class Classifier(MixMethod):
             return None
         return schedules.ema_momentum(step, total_steps, e["momentum"], e["end"], e["warmup"])
 
-    def step_scalars(self, step, total_steps):
+    def step_scalars(self, step: int, total_steps: int) -> dict:
+        """``{"ema_weight": 1 - momentum}`` with an EMA, else ``{}``."""
         if self.ema is None:
             return {}
         return {"ema_weight": 1.0 - self.ema_momentum_at(step, total_steps)}
 
-    def apply_step_scalars(self, scalars, finite=None):
+    def apply_step_scalars(self, scalars: dict, finite=None) -> None:
+        """The EMA update with ``step_scalars``' weight (nothing without an EMA)."""
         if self.ema is not None:
             ema_update_(*self._pairs(), scalars["ema_weight"], finite)
 
@@ -543,16 +586,18 @@ class Classifier(MixMethod):
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x):
+    def predict(self, x: torch.Tensor) -> dict:
+        """Logits of every head: ``{"cls"}``, plus ``"ema"`` with an EMA."""
         out = {"cls": self.logits(x)}
         if self.ema is not None:
             out["ema"] = self.ema_head(self.ema_backbone(x)[-1])
         return out
 
-    def head_modules(self, head=None):
+    def head_modules(self, head: Optional[str] = None) -> tuple:
         """``(backbone, head)`` of ``"cls"`` or ``(ema_backbone, ema_head)`` of ``"ema"``."""
         head = self._check_head(head)
         return (self.ema_backbone, self.ema_head) if head == "ema" else (self.backbone, self.head)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
+        """The mixer and the EMA settings, in the module's repr."""
         return f"mixer={self.mixer!r}" + (f", ema={self.ema}" if self.ema else "")

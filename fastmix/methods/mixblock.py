@@ -21,6 +21,7 @@ The attention is ``fastmix.functional.mixblock_attention``: the flash-style Trit
 its eager twin, which materialises P.
 """
 import math
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,35 @@ MASK_LOSS_MODES = ("L1", "L1+Variance")
 
 
 class MixBlock(nn.Module):
-    def __init__(self, in_channels, reduction=2, use_scale=True, lam_concat=False,
-                 upsample="nearest", mask_loss_mode="L1", mask_loss_margin=0.1):
+    """AutoMix's Mix Block: cross-attention from each sample's features to its partner's,
+    giving a per-pixel mask that blends the two images (see the module doc for the math).
+
+    ``mask = block(z, lam, index, size)`` -> ``[N, 2, H, W]``: channel 0 weights ``x`` (label
+    ``y``, weight λ), channel 1 weights the partner ``x[index]``; ``block.mask_loss(m, lam)``
+    is the loss that keeps the partner's mask area near ``1 - λ``. AutoMix builds one from its
+    constructor arguments; the weights start at N(0, 0.01), zero bias, so the first masks are
+    about 0.5 everywhere.
+
+    Args:
+        in_channels: the channels C of the features ``z`` [N, C, h, w] it reads (the
+            momentum encoder's tapped stage).
+        reduction: the query/key width is ``inter_channels = max(C // reduction, 1)``.
+        use_scale: scale the attention logits by ``1 / sqrt(inter_channels)``.
+        lam_concat: append λ (and ``1 - λ`` for the partner) as an extra input channel of the
+            1x1 convs (the ImageNet and fine-grained configs).
+        upsample: how the low-resolution mask reaches the image size: ``"nearest"`` or
+            ``"bilinear"``.
+        mask_loss_mode: ``"L1"`` (``relu(|1 - mean(m) - λ| - margin)``) or ``"L1+Variance"``
+            (minus twice the mask's variance: favours masks far from a flat blend).
+        mask_loss_margin: the margin of the L1 term.
+
+    Raises:
+        ValueError: ``in_channels < 1``, or an unknown ``upsample`` or ``mask_loss_mode``.
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 2, use_scale: bool = True,
+                 lam_concat: bool = False, upsample: str = "nearest",
+                 mask_loss_mode: str = "L1", mask_loss_margin: float = 0.1) -> None:
         super().__init__()
         if in_channels < 1:
             raise ValueError(f"in_channels must be positive, got {in_channels}")
@@ -54,14 +82,17 @@ class MixBlock(nn.Module):
         self.value = nn.Conv2d(cin, 1, 1, bias=True)
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
+        """N(0, 0.01) weights and zero biases for both 1x1 convs."""
         # N(0, 0.01) weights, zero bias: at step 0 q.k ~ 0 and v ~ 0, so the mask is ~0.5.
         for conv in (self.query, self.value):
             nn.init.normal_(conv.weight, 0.0, 0.01)
             nn.init.zeros_(conv.bias)
 
     @property
-    def scale(self):
+    def scale(self) -> float:
+        """The attention logits' scale: ``1 / sqrt(inter_channels)``, or 1 without
+        ``use_scale``."""
         return 1.0 / math.sqrt(self.inter_channels) if self.use_scale else 1.0
 
     def _check_features(self, z):
@@ -72,7 +103,7 @@ class MixBlock(nn.Module):
         if not z.is_floating_point():
             raise TypeError(f"MixBlock features must be floating point, got {z.dtype}")
 
-    def project(self, z):
+    def project(self, z: torch.Tensor) -> tuple:
         """The shared projections ``qk`` [N, hw, d] and ``v`` [N, hw] of features ``z``.
 
         Both Mix Block calls of a step (MB and BB branch) reuse them. The λ channel is not
@@ -86,7 +117,7 @@ class MixBlock(nn.Module):
         v = F.linear(feats, self.value.weight[:, :c, 0, 0], self.value.bias).squeeze(-1)
         return qk, v
 
-    def lam_biases(self, lam, ref):
+    def lam_biases(self, lam, ref: torch.Tensor) -> tuple:
         """``(q_bias, k_bias, v_bias)`` of the λ channel (all None without ``lam_concat``):
         the query sees λ, the partner's key and value see 1 - λ."""
         check_lam(lam, ref.device, "the features")
@@ -96,7 +127,9 @@ class MixBlock(nn.Module):
         w_lam = self.query.weight[:, -1, 0, 0].float()
         return lam_t * w_lam, (1 - lam_t) * w_lam, (1 - lam_t) * self.value.weight[0, -1, 0, 0].float()
 
-    def mask_logits(self, z, lam, index, projected=None, fused=False):
+    def mask_logits(self, z: torch.Tensor, lam, index: torch.Tensor,
+                    projected: Optional[tuple] = None, fused: Optional[bool] = False
+                    ) -> torch.Tensor:
         """Low-resolution mask logits ``P v`` for the partner ``z[index]``, [N, 1, h, w] fp32.
 
         ``projected``: ``project(z)``'s output, to share it between the calls of a step;
@@ -106,17 +139,21 @@ class MixBlock(nn.Module):
         out = mixblock_attention(qk, v, index, *biases, scale=self.scale, fused=fused)
         return out.view(qk.shape[0], 1, z.shape[2], z.shape[3])
 
-    def forward(self, z, lam, index, size, mode=None):
-        """The full mask ``[N, 2, H, W]`` at image ``size``: channel 1 weights ``x[index]``."""
+    def forward(self, z: torch.Tensor, lam, index: torch.Tensor, size,
+                mode: Optional[str] = None) -> torch.Tensor:
+        """The full mask ``[N, 2, H, W]`` at image ``size`` (H, W) for features ``z``, λ
+        ``lam`` (a float or 0-d tensor) and partners ``index`` ([N] permutation): channel 1
+        weights ``x[index]``; ``mode`` overrides ``upsample``."""
         return self.mask_from_logits(self.mask_logits(z, lam, index), size, mode)
 
-    def mask_from_logits(self, logits, size, mode=None):
+    def mask_from_logits(self, logits: torch.Tensor, size, mode: Optional[str] = None
+                         ) -> torch.Tensor:
         """``[1 - m, m]`` with ``m = sigmoid(upsample(logits))`` at image ``size``."""
         m = torch.sigmoid(upsample_mask(logits, size, mode or self.upsample).float())
         return torch.cat([1 - m, m], dim=1)
 
     # ---- the mask loss ----------------------------------------------------------------
-    def mask_loss(self, m, lam):
+    def mask_loss(self, m: torch.Tensor, lam) -> torch.Tensor:
         """Spec §1.3 on the partner's mask ``m`` ([N, H, W] or [N, 1, H, W], values in (0, 1)).
 
         One batch mean ``m_mean`` (not per sample); L1: ``relu(|1 - m_mean - λ| - margin)``;
