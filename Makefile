@@ -43,7 +43,7 @@ train: setup data
 	$(PY) train.py --out runs/main --overwrite $(TRAIN_ARGS)
 
 test: setup data
-	$(PY) -m pytest -q tests bench --benchmark-disable $(PYTEST_ARGS)
+	$(PY) -m pytest -q tests bench --benchmark-disable --durations=20 $(PYTEST_ARGS)
 
 # The accuracy study (bench/accuracy.py): AutoMix, Mixup, CutMix, vanilla x 3 seeds on the CPU
 # protocol; resumable (rerun to continue); writes runs/study/{results.json,results.md,*.png}.
