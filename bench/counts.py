@@ -824,6 +824,18 @@ def vit_comparison(rows):
     return "\n".join(lines) + "\n"
 
 
+def _emit(args, text, data, section):
+    """Print ``text``, write ``data`` to ``--json`` and ``text`` into ``--results``'s
+    ``section`` markers."""
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
+    if args.results:
+        replace_section(args.results, text, section)
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -863,13 +875,7 @@ def main(argv=None):
                 f"intra-op thread): the counted peak (FakeTensorMode) against the same step "
                 f"on real CPU tensors, the profiler's allocation events over the step.\n\n"
                 + check_peak_table(rows))
-        print(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"check_peak": rows}, f, indent=1)
-        if args.results:
-            replace_section(args.results, text, "counts-peak")
-        return 0
+        return _emit(args, text, {"check_peak": rows}, "counts-peak")
     if args.vit:
         rows = step_rows(args.quick, VIT_METHODS, VIT_CONFIGS,
                          QUICK_VIT_SHAPES if args.quick else VIT_SHAPES)
@@ -878,13 +884,7 @@ def main(argv=None):
                 f"FakeTensorMode). Counts, not measurements; the authors' figures are "
                 f"measurements (GPU memory and hours).\n\n" + step_table(rows) + "\n"
                 + vit_comparison(rows))
-        print(text)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"vit_steps": rows}, f, indent=1)
-        if args.results:
-            replace_section(args.results, text, "counts-vit")
-        return 0
+        return _emit(args, text, {"vit_steps": rows}, "counts-vit")
     ops = [] if args.steps_only else op_rows(args.quick)
     steps = [] if args.ops_only else step_rows(args.quick, methods)
     text = (f"Counted by `{command.strip()}` ({time.strftime('%Y-%m-%d')}, torch "
@@ -898,13 +898,7 @@ def main(argv=None):
         notes = read_back_notes(steps)
         text += ("Read-backs in the step:\n" + notes if notes else
                  "No read-back in any step.\n")
-    print(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"ops": ops, "steps": steps}, f, indent=1)
-    if args.results:
-        replace_section(args.results, text, "counts")
-    return 0
+    return _emit(args, text, {"ops": ops, "steps": steps}, "counts")
 
 
 if __name__ == "__main__":

@@ -106,8 +106,11 @@ def attention_cases(full):
     stage 4: d = 384); with and without the λ-concat biases."""
     vit = ((14, 192), (14, 384), (7, 384))
     shapes = (tuple(itertools.product((7, 8, 14), (128, 256, 512))) + vit if full
-              else ((8, 128), (14, 512)))   # CI: R-18 and R-50 (the ViT grids: --full)
-    for (hw, d), dtype, bias in itertools.product(shapes, DTYPES, (False, True)):
+              else ((8, 128), (14, 512)))   # CI: R-18 and R-50, every dtype
+    cases = list(itertools.product(shapes, DTYPES, (False, True)))
+    if not full:   # CI: the ViT presets' grids (DeiT-S 14x14, Swin-T 7x7), bf16 with λ-concat
+        cases += [((14, 192), torch.bfloat16, True), ((7, 384), torch.bfloat16, True)]
+    for (hw, d), dtype, bias in cases:
         n, L = 4, hw * hw
         qk, v = _t((n, L, d), dtype), _t((n, L), dtype)
         idx = torch.randperm(n)

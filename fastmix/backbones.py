@@ -138,7 +138,8 @@ class ResNet(nn.Module):
         layers += [block(self.inplanes, planes, 1, self.groups, self.base_width) for _ in range(1, blocks)]
         return nn.Sequential(*layers)
 
-    def forward(self, x, tap_only=False, mix_at=None, mix_fn=None):
+    def forward(self, x: torch.Tensor, tap_only: bool = False, mix_at=None,
+                mix_fn=None) -> list:
         """``[tap, final]``; ``tap_only``: stop after the tapped stage and return ``[tap]``.
 
         ``mix_at``/``mix_fn`` (ManifoldMix): apply ``mix_fn`` to the input (``mix_at=0``) or to
@@ -229,7 +230,8 @@ class WideResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x, tap_only=False, mix_at=None, mix_fn=None):
+    def forward(self, x: torch.Tensor, tap_only: bool = False, mix_at=None,
+                mix_fn=None) -> list:
         """``[tap, final]``; ``mix_at``/``mix_fn`` as :meth:`ResNet.forward` (stages 1-3)."""
         if mix_at == 0:
             x = mix_fn(x)
@@ -309,7 +311,8 @@ class TorchvisionResNet(nn.Module):
         self.out_channels = (widths[mask_layer], widths[3])
         self.tap_stride = 4 * 2 ** mask_layer
 
-    def forward(self, x, tap_only=False, mix_at=None, mix_fn=None):
+    def forward(self, x: torch.Tensor, tap_only: bool = False, mix_at=None,
+                mix_fn=None) -> list:
         """``[tap, final]``; ``tap_only``/``mix_at``/``mix_fn`` as :meth:`ResNet.forward`."""
         if mix_at == 0:
             x = mix_fn(x)
@@ -317,7 +320,7 @@ class TorchvisionResNet(nn.Module):
         return _run_stages(x, (self.layer1, self.layer2, self.layer3, self.layer4),
                            self.mask_layer, tap_only, mix_at, mix_fn)
 
-    def plain_model(self, num_classes):
+    def plain_model(self, num_classes: int) -> nn.Module:
         """The plain torchvision classifier an export of this backbone loads into."""
         return torchvision_resnet(self.arch, num_classes, self.in_chans)
 
@@ -352,7 +355,7 @@ class FeatureTap(nn.Module):
                 raise ValueError(f"FeatureTap: the model has no submodule named {name!r}")
             modules[name].register_forward_hook(_keep_output)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> list:
         self.model(x)
         modules = [self.model.get_submodule(name) for name in self._names]
         outs = [m.__dict__.get("_fastmix_tap") for m in modules]
@@ -360,7 +363,7 @@ class FeatureTap(nn.Module):
             m.__dict__.pop("_fastmix_tap", None)  # do not keep activations alive
         return outs
 
-    def classifier_state_dict(self, head):
+    def classifier_state_dict(self, head: nn.Module) -> dict:
         """The wrapped model's state dict with ``head`` as its classifier (see the class doc)."""
         name = self.classifier_name
         module = dict(self.model.named_modules()).get(name)
@@ -482,7 +485,7 @@ class TimmBackbone(nn.Module):
             return None
         return name if next(module.parameters(), None) is None else None
 
-    def forward(self, x, tap_only=False):
+    def forward(self, x: torch.Tensor, tap_only: bool = False) -> list:
         """``[tap, final]`` (see the class doc); ``tap_only``: ``[tap]``, stopping there."""
         if self.tap_module_spec:
             if tap_only:
@@ -505,7 +508,7 @@ class TimmBackbone(nn.Module):
                                f"-channel map of feature stage {self.tap_module!r}")
         return list(taps)
 
-    def classifier_state_dict(self, head):
+    def classifier_state_dict(self, head: nn.Module) -> dict:
         """The state dict of ``timm.create_model(name, num_classes=K)`` with ``head``."""
         if self.classifier_name is None:
             raise ValueError(f"timm:{self.name}: its classifier is not one Linear that "
@@ -513,7 +516,7 @@ class TimmBackbone(nn.Module):
                              f"timm.create_model({self.name!r}, num_classes=K)")
         return _with_head(self.model.state_dict(), self.classifier_name, head)
 
-    def plain_model(self, num_classes):
+    def plain_model(self, num_classes: int) -> nn.Module:
         """The plain timm classifier an export of this backbone loads into."""
         import timm
         return timm.create_model(self.name, num_classes=num_classes, in_chans=self.in_chans,
@@ -599,7 +602,7 @@ ARCH_NAMES = ("resnet18_cifar", "resnet34_cifar", "resnext50_cifar", *_TORCHVISI
               "resnet_small", "resnet10_half", *_WRNS, "timm:<name>")
 
 
-def parse_timm_kwargs(text):
+def parse_timm_kwargs(text) -> dict:
     """``"img_size=32,patch_size=4,depth=4"`` -> ``{"img_size": 32, ...}``: the extra keywords
     of ``timm.create_model``, each value a Python literal (number, bool, None, string, tuple)
     read with ``ast.literal_eval`` (never run), else kept as a plain string."""
@@ -666,7 +669,7 @@ def build_backbone(arch: str, in_chans: int = 3, mask_layer=None, timm_kwargs=No
                   mask_layer=mask_layer)
 
 
-def load_torchvision_weights(backbone, path):
+def load_torchvision_weights(backbone: nn.Module, path: str) -> int:
     """Load a torchvision-format ImageNet state dict (``torchvision.models.resnet18(weights=...)
     .state_dict()`` saved with ``torch.save``) into an ImageNet-stem ResNet/ResNeXt
     (:class:`TorchvisionResNet`: torchvision's own network).
@@ -722,5 +725,5 @@ class ClsHead(nn.Module):
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, feat):
+    def forward(self, feat) -> torch.Tensor:
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(feat, 1), 1))
