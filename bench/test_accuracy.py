@@ -222,10 +222,14 @@ def _pids_running(needle):
     return pids
 
 
-def test_kill_9_of_the_driver_stops_its_run(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_kill_9_of_the_driver_stops_its_run(tmp_path, sig):
     """kill -9 of the study driver alone (not its group): its train.py child must stop too (it
     gets SIGTERM through PR_SET_PDEATHSIG), so an immediate rerun cannot run beside it; the
-    rerun resumes from the checkpoint and the run's epochs stay in order."""
+    rerun resumes from the checkpoint and the run's epochs stay in order. SIGTERM: the driver
+    passes it to the run, waits for it to checkpoint and exits non-zero within seconds (a
+    handler that waited on the child inside the driver's own wait deadlocked, leaving the run a
+    zombie and the driver asleep)."""
     args = ["--methods", "vanilla", "--seeds", "0", "--epochs", "4"]
     cmd = [sys.executable, os.path.join(ROOT, "bench", "accuracy.py"), "--out", str(tmp_path),
            "--train-subset", "512", *TINY[2:], *args]
@@ -235,8 +239,13 @@ def test_kill_9_of_the_driver_stops_its_run(tmp_path):
     while not ckpt.exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.05)
     assert _pids_running(str(tmp_path)), "no train.py child found"
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
+    os.kill(p.pid, sig)
+    try:
+        rc = p.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("the driver did not exit after the signal")
+    assert rc != 0
     deadline = time.time() + 30
     while _pids_running(str(tmp_path)) and time.time() < deadline:
         time.sleep(0.1)

@@ -191,17 +191,24 @@ def run_child(cmd, **kw):
     the driver is passed to the group (the run checkpoints and stops), and ``kill -9`` of the
     driver reaches the child through PR_SET_PDEATHSIG. Returns the exit status."""
     proc = subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, **kw)
+    stopped = []
 
     def forward(signum, frame):
+        # only pass it on: the handler interrupts proc.wait() below, which holds the Popen's
+        # wait lock, so waiting here would deadlock; the interrupted wait resumes and returns
+        # once the run has checkpointed and exited
+        stopped.append(signum)
         try:
             os.killpg(proc.pid, signum)
         except ProcessLookupError:
             pass
-        proc.wait()
-        raise SystemExit(f"[study] stopped by signal {signum}; rerun the same command to resume")
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return proc.wait()
+        rc = proc.wait()
+        if stopped:
+            raise SystemExit(f"[study] stopped by signal {stopped[0]}; rerun the same command "
+                             f"to resume")
+        return rc
     finally:
         for s, h in old.items():
             signal.signal(s, h)
