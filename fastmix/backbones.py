@@ -426,7 +426,7 @@ class TimmBackbone(nn.Module):
         width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.out_channels = (info[tap]["num_chs"], width)
         self.classifier_name = self._find_classifier()
-        self.tap_module_spec, self._tapped = tap_module, None
+        self.tap_module_spec = tap_module
         if tap_module:
             self._hook_tap(tap_module)
 
@@ -445,7 +445,7 @@ class TimmBackbone(nn.Module):
             raise ValueError(f"--mask-tap {spec!r}: timm:{self.name} has no module {name!r} "
                              f"(its modules: model.named_modules())") from None
         self.tap_module, self._tap_ln = name, post == "ln"
-        module.register_forward_hook(self._keep_tap)
+        module.register_forward_hook(_keep_output)      # FeatureTap's stateless hook
         size = getattr(getattr(self.model, "patch_embed", None), "img_size", None) or \
             self.model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
         with torch.no_grad():
@@ -453,14 +453,13 @@ class TimmBackbone(nn.Module):
             self.model.eval()
             self.model.forward_features(torch.zeros(1, self.in_chans, *size))
             self.model.train(was)
-        tapped, self._tapped = self._as_map(self._tapped), None
+        tapped = self._take_tap()
         self.out_channels = (tapped.shape[1], self.out_channels[1])
         self.tap_stride = size[0] // tapped.shape[2]
 
-    def _keep_tap(self, module, inputs, output):
-        self._tapped = output
-
-    def _as_map(self, t):
+    def _take_tap(self):
+        """The hooked module's last output as an [N, C, h, w] map, no longer held there."""
+        t = self.model.get_submodule(self.tap_module).__dict__.pop("_fastmix_tap")
         if t.dim() == 3:                       # tokens [N, T, C]
             t = t[:, getattr(self.model, "num_prefix_tokens", 0):]
             side = int(round(t.shape[1] ** 0.5))
@@ -491,7 +490,7 @@ class TimmBackbone(nn.Module):
             if tap_only:
                 raise ValueError("a --mask-tap module tap cannot stop early (--k-early-exit)")
             final = self.model.forward_features(x)
-            tapped, self._tapped = self._as_map(self._tapped), None
+            tapped = self._take_tap()
             pre = self.model.forward_head(final, pre_logits=True)
             return [tapped, pre.reshape(pre.shape[0], -1, 1, 1)]
         if tap_only:

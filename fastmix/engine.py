@@ -83,12 +83,12 @@ def build_optimizer(cfg: Config, model, fused=False):
     mb = set(id(p) for p in mix_block.parameters()) if mix_block is not None else set()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     main = [(n, p) for n, p in named if id(p) not in mb]
-    groups = [dict(params=main, name="main", base_lr=cfg.lr, min_lr=cfg.min_lr,
+    groups = [dict(params=main, name="main", base_lr=cfg.lr, lr=cfg.lr, min_lr=cfg.min_lr,
                    momentum=cfg.momentum, warmup=True)]
     if mb:
+        mb_lr = cfg.lr if cfg.mb_lr is None else cfg.mb_lr
         groups.append(dict(params=[(n, p) for n, p in named if id(p) in mb],
-                           name="mix_block",
-                           base_lr=cfg.lr if cfg.mb_lr is None else cfg.mb_lr,
+                           name="mix_block", base_lr=mb_lr, lr=mb_lr,
                            min_lr=cfg.min_lr if cfg.mb_min_lr is None else cfg.mb_min_lr,
                            momentum=cfg.momentum if cfg.mb_momentum is None else cfg.mb_momentum,
                            warmup=False))
@@ -101,8 +101,6 @@ def build_optimizer(cfg: Config, model, fused=False):
             del g["momentum"]
             split += [dict(g, params=ps, weight_decay=wd)
                       for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
-        for g in split:
-            g["lr"] = g["base_lr"]
         if cfg.optimizer_impl != "torch":
             raise ValueError("--optimizer adamw is torch's fused AdamW (--optimizer-impl torch)")
         # fused: one multi-tensor update that honours found_inf (a skipped step leaves the
@@ -111,7 +109,6 @@ def build_optimizer(cfg: Config, model, fused=False):
                                  weight_decay=cfg.weight_decay, fused=fused)
     for g in groups:
         g["params"] = [p for _, p in g["params"]]
-        g["lr"] = g["base_lr"]
     if cfg.optimizer_impl == "apex":
         try:
             from apex.optimizers import FusedSGD
