@@ -64,6 +64,9 @@ def test_results_record_provenance_and_read_what_the_runs_wrote(grid):
     assert prov["commit"] == head and len(head) == 40
     assert prov["command"].startswith("python bench/accuracy.py ") and "--ema" in prov["command"]
     assert prov["versions"]["torch"] == torch.__version__ and prov["versions"]["timm"]
+    # the ISA torch's CPU kernels use: another one rounds differently and the runs drift apart
+    assert prov["machine"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert prov["machine"]["cpu_model"]
     # no absolute path of this machine anywhere (the study folder was given absolute)
     assert str(out) not in text.replace(prov["command"], "") and ROOT not in text
     for method in ("automix", "vanilla"):
@@ -79,6 +82,13 @@ def test_results_record_provenance_and_read_what_the_runs_wrote(grid):
             assert run["median"] == summary["median_last10_top1"]
             assert run["wall_time_s"] == summary["wall_time_s"]
             assert run["images_per_s"] == statistics.median(h["images_per_s"] for h in history)
+            # the run's own command line, to rerun it alone into a fresh folder
+            made = json.loads((folder / "study_run.json").read_text())["argv"]
+            i = made.index("--out")
+            assert run["train_argv"][:i] == made[:i] and run["train_argv"][i + 2:] == made[i + 2:]
+            assert run["train_argv"][i + 1] == f"runs/regenerate/{method}/seed{seed}"
+            assert run["regenerate"] == "python train.py " + " ".join(
+                __import__("shlex").quote(a) for a in run["train_argv"])
     # the online head beside the EMA head: vanilla's cls/ema, AutoMix's q/k encoders
     pairs = {m: results["methods"][m]["online_ema"] for m in ("automix", "vanilla")}
     assert set(pairs["vanilla"]["online"]["heads"].values()) == {"cls"}
@@ -102,6 +112,32 @@ def test_check_against_finds_equal_and_different_runs(grid, tmp_path):
     same, differ = accuracy.check_against(json.loads((out / "results.json").read_text()),
                                           str(tmp_path / "changed.json"))
     assert differ == [("vanilla", "1")] and len(same) == 3
+
+
+def test_a_runs_regenerate_command_reproduces_it(grid, tmp_path):
+    """results.json's command for one run, run alone in another folder, gives that run's
+    numbers bit for bit (the grid's runs are deterministic given their command and threads)."""
+    import shlex
+    out, _ = grid
+    run = json.loads((out / "results.json").read_text())["methods"]["automix"]["runs"]["1"]
+    cmd = shlex.split(run["regenerate"])
+    assert cmd[:2] == ["python", "train.py"]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cmd[2:]], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads((tmp_path / "runs" / "regenerate" / "automix" / "seed1" /
+                        "summary.json").read_text())
+    assert again["final_top1"] == run["final"] and again["median_last10_top1"] == run["median"]
+
+
+def test_regenerate_command_carries_the_thread_count():
+    run = {"train_argv": ["--seed", "1", "--out", "runs/regenerate/mixup/seed1"],
+           "load": {"threads": 1}}
+    assert accuracy.regenerate_command(run) == \
+        "OMP_NUM_THREADS=1 python train.py --seed 1 --out runs/regenerate/mixup/seed1"
+    run["load"]["threads"] = None
+    assert accuracy.regenerate_command(run).startswith("python train.py --seed 1")
+    assert accuracy.regenerate_command({"load": {"threads": 1}}) is None
 
 
 def test_pngs_are_written(grid):

@@ -349,7 +349,34 @@ def provenance(argv, script="bench/accuracy.py", command=None):
             "command": f"{command or 'python ' + script} " + shlex.join(argv),
             "versions": versions,
             "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+                        "cpu_model": cpu_model(),
+                        # the ISA torch's CPU kernels dispatch to (AVX2, AVX512, ...): another
+                        # one rounds differently, and a long run then drifts away bit by bit
+                        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
                         "torch_threads_default": torch.get_num_threads()}}
+
+
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def regenerate_command(run):
+    """The command that reruns one finished run of the grid as it ran: its ``train.py`` command
+    line and its thread count (``--threads``), from the run folder's ``study_run.json`` and
+    ``study_load.json`` (None where the folder lacks them)."""
+    if run.get("train_argv") is None:
+        return None
+    threads = (run.get("load") or {}).get("threads")
+    return (f"OMP_NUM_THREADS={threads} " if threads else "") + "python train.py " + \
+        shlex.join(run["train_argv"])
 
 
 def aggregate(args, folders, argv=(), command="python bench/accuracy.py"):
@@ -368,6 +395,16 @@ def aggregate(args, folders, argv=(), command="python bench/accuracy.py"):
             if os.path.exists(load):
                 with open(load) as fh:
                     r["load"] = json.load(fh)
+            marker = os.path.join(f, "study_run.json")
+            if os.path.exists(marker):
+                with open(marker) as fh:
+                    argv_run = json.load(fh)["argv"]
+                # no path of this machine: the run folder becomes a fresh one under
+                # runs/regenerate/, any other absolute path (--data-dir) its last component
+                r["train_argv"] = [os.path.join("runs", "regenerate", rel) if a == f else
+                                   os.path.basename(os.path.normpath(a)) if os.path.isabs(a)
+                                   else a for a in argv_run]
+                r["regenerate"] = regenerate_command(r)
             with open(os.path.join(f, "metrics.jsonl")) as fh:
                 history = [json.loads(line) for line in fh if line.strip()]
             with open(os.path.join(f, "summary.json")) as fh:
