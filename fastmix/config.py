@@ -159,7 +159,8 @@ class Config:
     out: str = opt("runs/default", "output folder (metrics.jsonl, summary.json, last.pt)")
     resume: str = opt(None, "resume from a checkpoint (no value: OUT/last.pt)", kind="optional")
     overwrite: bool = opt(False, "start afresh in an --out that holds an earlier run (deletes its "
-                          "last.pt, metrics.jsonl, summary.json)", kind="switch")
+                          "last.pt, metrics.jsonl, summary.json, metrics.csv, tb/, mix grids "
+                          "and best checkpoints)", kind="switch")
     checkpoint_every: int = opt(0, "also write OUT/last.pt every N steps inside an epoch (0: at "
                                 "the end of each epoch only)")
     grid_every: int = opt(0, "AutoMix: save a mixed-sample PNG grid every N epochs (0: never)")

@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import statistics
 import sys
@@ -31,7 +33,7 @@ from fastmix.config import DEFAULT_ALPHA, METHODS, Config, validate_config  # no
 from fastmix.config import setting_warnings
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.functional import FUSED_OPS, set_op_paths, use_fused
-from fastmix.loggers import BestKeeper, RunLoggers
+from fastmix.loggers import CSV_NAME, TB_DIR, BestKeeper, RunLoggers
 from fastmix.methods import method_class
 from fastmix.runtime import autocast_context, init_distributed, resolve_device, resolve_runtime
 from fastmix.schedules import cosine
@@ -274,6 +276,14 @@ def plan_epochs_change(state, cfg: Config, path, rank=0):
               f"steps)", file=sys.stderr, flush=True)
 
 
+def earlier_run_logs(out):
+    """What an earlier run in OUT logged beside its RUN_FILES and --overwrite deletes with them,
+    so that no log of that run is read as this one's: metrics.csv, tb/ (``--log``) and its mix
+    grids (``--grid-every``). Its best checkpoints go in ``BestKeeper``."""
+    return sorted(f for f in os.listdir(out)
+                  if f in (CSV_NAME, TB_DIR) or re.fullmatch(r"mix_epoch\d{4,}\.png", f))
+
+
 def claim_out(cfg: Config, rank=0):
     """Make OUT, refuse to start afresh over an earlier run unless ``overwrite`` (which deletes
     its files, so no later message can point at the old checkpoint), and delete temporary files
@@ -286,8 +296,9 @@ def claim_out(cfg: Config, rank=0):
                              f"it with --resume, start afresh with --overwrite (deletes those "
                              f"files), or choose another --out")
         if rank == 0:
-            for f in earlier:
-                os.unlink(os.path.join(cfg.out, f))
+            for f in earlier + earlier_run_logs(cfg.out):
+                path = os.path.join(cfg.out, f)
+                shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
     if rank == 0:
         for path in remove_stale_temporaries(cfg.out):
             print(f"removed {path}, left by an interrupted write", file=sys.stderr)

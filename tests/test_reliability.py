@@ -338,6 +338,22 @@ def test_a_new_run_never_destroys_an_earlier_one(tmp_path):
         assert "wrote no checkpoint yet" in r.stderr and not os.path.exists(os.path.join(out, "last.pt"))
 
 
+def test_overwrite_leaves_no_log_of_the_earlier_run(tmp_path):
+    """--overwrite with fewer logs than the earlier run: its metrics.csv, tb/, mix grids and best
+    checkpoints go with it (read later, they would pass for this run's); other files stay."""
+    out = tmp_path / "o"
+    r = run_cli(TINY + ["--epochs", "1", "--out", str(out), "--log", "csv,tensorboard",
+                        "--grid-every", "1", "--save-best"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    logged = {"metrics.csv", "tb", "mix_epoch0001.png", "best.pt"}
+    assert logged <= set(os.listdir(out))
+    (out / "notes.txt").write_text("the user's")
+    r = run_cli(TINY + ["--epochs", "1", "--out", str(out), "--overwrite"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    left = set(os.listdir(out))
+    assert not logged & left and "notes.txt" in left and "metrics.jsonl" in left
+
+
 @pytest.mark.parametrize("change,needle", [(["--batch-size", "20"], "batch_size 40 -> 20"),
                                            (["--weight-decay", "0.001"], "weight_decay "),
                                            (["--lr", "0.2"], "lr ")])
