@@ -638,13 +638,23 @@ class StopSignals:
     thread (Python allows no other); the previous handlers come back on exit.
 
     Under DDP every rank must stop at the same step: the flag is agreed on (an all-reduce)
-    every ``every`` steps, at the same steps on every rank."""
+    every ``every`` steps, at the same steps on every rank.
+
+    Under torchrun a worker can get one stop request twice: a scheduler that signals every
+    process of the job (Slurm) reaches the worker and torchrun's agent, and the agent passes its
+    signal on to the worker at once. A second signal within ``FORWARD_WINDOW_S`` of the first is
+    taken for that copy, not for "stop at once" (the agent itself ends a worker that has not
+    stopped 30 s after its signal)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    FORWARD_WINDOW_S = 2.0
 
     def __init__(self, world=1, device=None, every=1):
         self.world, self.device, self.every = world, device, every
         self.signum, self.stopped_at, self.saved, self.previous = None, None, None, {}
+        self.first_at = None
+        # launched by torchrun (its agent forwards the signals it gets)
+        self.forwarded = "TORCHELASTIC_RUN_ID" in os.environ
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -658,13 +668,26 @@ class StopSignals:
         self.previous = {}
 
     def _handler(self, signum, frame):
-        self.signum = signum
-        for s in self.previous:
-            signal.signal(s, signal.SIG_DFL)
+        now = time.monotonic()
+        if self.first_at is not None:
+            # only under torchrun does a second signal reach this handler: within the window, the
+            # agent's copy of the first; after it, a second request, which stops at once
+            if now - self.first_at < self.FORWARD_WINDOW_S:
+                return
+            for s in self.previous:
+                signal.signal(s, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum, self.first_at = signum, now
+        if not self.forwarded:
+            for s in self.previous:
+                signal.signal(s, signal.SIG_DFL)
         name = signal.Signals(signum).name
         # os.write: print() could re-enter a stderr write the signal interrupted
-        os.write(2, f"\n{name}: stopping after the current step, with a checkpoint (another "
-                    f"signal stops at once, without one)\n".encode())
+        again = (f"another signal after {self.FORWARD_WINDOW_S:g} s" if self.forwarded
+                 else "another signal")
+        os.write(2, f"\n{name}: stopping after the current step, with a checkpoint ({again} "
+                    f"stops at once, without one)\n".encode())
 
     def check(self, step=None):
         """Whether to stop now (``step`` None: at the end of an epoch, on every rank)."""

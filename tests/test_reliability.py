@@ -860,6 +860,59 @@ def test_sigint_stops_mid_epoch_with_a_checkpoint_and_resumes_exactly(tmp_path, 
     assert state["epoch"] == 0 and 2 <= state["batch"] <= 4
 
 
+def _torchrun(*args):
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--standalone", "train.py", *args]
+
+
+@pytest.mark.slow
+def test_ddp_signal_to_every_process_stops_with_a_checkpoint_and_resumes_exactly(tmp_path):
+    """Two ranks under torchrun; SIGTERM to both workers and to the agent, as a scheduler that
+    signals the whole job does: each worker gets it twice (the agent forwards its copy), and
+    must still stop after the step with a checkpoint, not die without one. The
+    printed torchrun command resumes it; metrics and export equal an uninterrupted DDP run's."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = SMALL + ["--batch-size", "16", "--train-subset", "256", "--epochs", "3"]
+    ref = subprocess.run(_torchrun(*args, "--out", str(tmp_path / "ref"), "--export",
+                                   str(tmp_path / "ref.pt")), cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    out = tmp_path / "o"
+    launch = _torchrun(*args, "--out", str(out), "--export", str(tmp_path / "model.pt"))
+    agent = subprocess.Popen(launch, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: _epochs_logged(out) >= 1, agent)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(agent.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2
+    # the workers first, the agent 0.3 s later: its copy then reaches each worker after the
+    # worker's handler took the first (two signals close together are one to Python's handler)
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(agent.pid, signal.SIGTERM)
+    _, err = agent.communicate(timeout=120)
+    assert agent.returncode != 0
+    assert err.count("SIGTERM: stopping after the current step, with a checkpoint (another "
+                     "signal after 2 s stops at once") == 2, err[-3000:]
+    import re
+    m = re.search(r"stopped by SIGTERM after step (\d+) of 24; checkpoint (\S+); resume with: "
+                  r"torchrun <the same launch options> (.*)", err)
+    assert m and m.group(2) == str(out / "last.pt"), err[-3000:]
+    state = load_checkpoint(str(out / "last.pt"))
+    assert state["step"] == int(m.group(1)) < 24
+    assert not (out / "summary.json").exists() and not (tmp_path / "model.pt").exists()
+    import shlex
+    cmd = shlex.split(m.group(3))
+    assert cmd[0] == "train.py" and cmd[-1] == "--resume"
+    r = subprocess.run(_torchrun(*cmd[1:]), cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _stripped(out / "metrics.jsonl") == _stripped(tmp_path / "ref" / "metrics.jsonl")
+    a, b = torch.load(tmp_path / "ref.pt"), torch.load(tmp_path / "model.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_second_sigterm_stops_at_once(tmp_path):
     """The second SIGTERM comes while the first one's step is still running (128-image steps;
     the first one's message is polled for every 5 ms): the process ends at once, by the
