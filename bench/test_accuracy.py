@@ -87,8 +87,14 @@ def test_results_record_provenance_and_read_what_the_runs_wrote(grid):
             i = made.index("--out")
             assert run["train_argv"][:i] == made[:i] and run["train_argv"][i + 2:] == made[i + 2:]
             assert run["train_argv"][i + 1] == f"runs/regenerate/{method}/seed{seed}"
-            assert run["regenerate"] == "python train.py " + " ".join(
-                __import__("shlex").quote(a) for a in run["train_argv"])
+            # the run's own thread count: another one rounds differently
+            assert run["torch_threads"] == summary["provenance"]["machine"]["torch_threads"] >= 1
+            assert run["regenerate"] == f"OMP_NUM_THREADS={run['torch_threads']} python train.py " \
+                + " ".join(__import__("shlex").quote(a) for a in run["train_argv"])
+            # and what finished it: the commit and the CPU ISA
+            assert summary["provenance"]["commit"] == head
+            assert summary["provenance"]["machine"]["torch_cpu_capability"] == \
+                torch.backends.cpu.get_cpu_capability()
     # the online head beside the EMA head: vanilla's cls/ema, AutoMix's q/k encoders
     pairs = {m: results["methods"][m]["online_ema"] for m in ("automix", "vanilla")}
     assert set(pairs["vanilla"]["online"]["heads"].values()) == {"cls"}
@@ -120,10 +126,11 @@ def test_a_runs_regenerate_command_reproduces_it(grid, tmp_path):
     import shlex
     out, _ = grid
     run = json.loads((out / "results.json").read_text())["methods"]["automix"]["runs"]["1"]
-    cmd = shlex.split(run["regenerate"])
-    assert cmd[:2] == ["python", "train.py"]
+    threads, *cmd = shlex.split(run["regenerate"])
+    assert threads.startswith("OMP_NUM_THREADS=") and cmd[:2] == ["python", "train.py"]
+    env = dict(os.environ, OMP_NUM_THREADS=threads.split("=")[1])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *cmd[2:]], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads((tmp_path / "runs" / "regenerate" / "automix" / "seed1" /
                         "summary.json").read_text())
@@ -137,6 +144,8 @@ def test_regenerate_command_carries_the_thread_count():
         "OMP_NUM_THREADS=1 python train.py --seed 1 --out runs/regenerate/mixup/seed1"
     run["load"]["threads"] = None
     assert accuracy.regenerate_command(run).startswith("python train.py --seed 1")
+    run["torch_threads"] = 2        # the count the run recorded, without --threads
+    assert accuracy.regenerate_command(run).startswith("OMP_NUM_THREADS=2 python train.py")
     assert accuracy.regenerate_command({"load": {"threads": 1}}) is None
 
 

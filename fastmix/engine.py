@@ -34,6 +34,7 @@ from fastmix.config import setting_warnings
 from fastmix.data import TensorLoader, load_dataset
 from fastmix.functional import FUSED_OPS, set_op_paths, use_fused
 from fastmix.loggers import CSV_NAME, TB_DIR, BestKeeper, RunLoggers
+from fastmix.provenance import environment
 from fastmix.methods import method_class
 from fastmix.runtime import autocast_context, init_distributed, resolve_device, resolve_runtime
 from fastmix.schedules import cosine
@@ -850,6 +851,8 @@ def finish(cfg, model, history, wall_time, rank, world, op_paths, ckpt=None, ext
     summary = {**summarize(history, model, cfg, wall_time), "op_paths": op_paths,
                **(extra or {})}     # extra: --save-best's best epoch (BestKeeper.summary)
     if rank == 0:
+        # the commit, versions, CPU ISA and threads of the process that finished the run
+        summary["provenance"] = environment()
         if ckpt is not None:
             summary["checkpoint"] = ckpt.report()
         if cfg.export:

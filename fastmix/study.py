@@ -44,7 +44,6 @@ import argparse
 import ctypes
 import json
 import os
-import platform
 import shlex
 import signal
 import statistics
@@ -52,17 +51,12 @@ import subprocess
 import sys
 import time
 
-
-def _source_root():
-    """The source checkout this module runs from (the folder holding ``train.py`` beside the
-    ``fastmix`` package), or None for an installed package."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return root if os.path.isfile(os.path.join(root, "train.py")) else None
+from fastmix.provenance import environment, source_root
 
 
 # In a checkout, every run is ``python ROOT/train.py`` in ROOT and the results name ROOT's
 # commit; installed, a run is ``python -m fastmix.train_cli`` in the current folder.
-ROOT = _source_root()
+ROOT = source_root()
 
 # The CPU protocol, fixed before the grid ran (README, *Results*): a fixed class-balanced
 # 2,000-image subset of Fashion-MNIST's training set, trained for 200 epochs (4,000 steps of 100),
@@ -289,6 +283,7 @@ def read_run(folder):
     groups = _online_ema_groups(heads)
     pick = (lambda hs: max(hs, key=lambda h: val_median[h])) if val_median else (lambda hs: hs[0])
     return {"heads": heads, "final": final, "median": median,
+            "torch_threads": summary.get("provenance", {}).get("machine", {}).get("torch_threads"),
             "online_head": pick(groups["online"]) if groups else None,
             "ema_head": pick(groups["ema"]) if groups else None,
             "val_median": val_median, "reported_head": reported, "reported_rule": rule,
@@ -327,54 +322,25 @@ def _portable(config, folder):
 
 def provenance(argv, script="bench/accuracy.py", command=None):
     """The commit (and whether the tracked files differ from it), the command, the package
-    versions and the machine: what regenerating these numbers needs. The command is
-    ``python SCRIPT ARGV``, or ``COMMAND ARGV`` where ``command`` is given (``fastmix-study``);
-    an installed fastmix (no checkout) records no commit."""
-    def git(*a):
-        if ROOT is None:
-            return None
-        r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True)
-        return r.stdout.strip() if r.returncode == 0 else None
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "timm", "triton", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - absent or broken: recorded as such
-            versions[name] = None
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    import torch
-    return {"commit": git("rev-parse", "HEAD"),
-            "tracked_files_modified": sorted(l.split(maxsplit=1)[1] for l in dirty.splitlines())
-            if dirty else [],
+    versions and the machine (:func:`fastmix.provenance.environment`): what regenerating these
+    numbers needs. The command is ``python SCRIPT ARGV``, or ``COMMAND ARGV`` where ``command``
+    is given (``fastmix-study``); an installed fastmix (no checkout) records no commit."""
+    env = environment()
+    env["machine"]["torch_threads_default"] = env["machine"].pop("torch_threads")
+    return {"commit": env["commit"], "tracked_files_modified": env["tracked_files_modified"],
             "command": f"{command or 'python ' + script} " + shlex.join(argv),
-            "versions": versions,
-            "machine": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
-                        "cpu_model": cpu_model(),
-                        # the ISA torch's CPU kernels dispatch to (AVX2, AVX512, ...): another
-                        # one rounds differently, and a long run then drifts away bit by bit
-                        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                        "torch_threads_default": torch.get_num_threads()}}
-
-
-def cpu_model():
-    """The CPU's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere), or None."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
+            "versions": env["versions"], "machine": env["machine"]}
 
 
 def regenerate_command(run):
     """The command that reruns one finished run of the grid as it ran: its ``train.py`` command
-    line and its thread count (``--threads``), from the run folder's ``study_run.json`` and
-    ``study_load.json`` (None where the folder lacks them)."""
+    line and its thread count (``--threads``, else the count its summary records), from the run
+    folder's ``study_run.json``, ``study_load.json`` and ``summary.json`` (None where the folder
+    has no command line)."""
     if run.get("train_argv") is None:
         return None
-    threads = (run.get("load") or {}).get("threads")
+    # --threads, else the threads the run itself recorded: another count rounds differently
+    threads = (run.get("load") or {}).get("threads") or run.get("torch_threads")
     return (f"OMP_NUM_THREADS={threads} " if threads else "") + "python train.py " + \
         shlex.join(run["train_argv"])
 
