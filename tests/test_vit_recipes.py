@@ -291,6 +291,76 @@ def test_randaugment_pipelines_draw_per_sample_and_leave_global_rngs_alone(tmp_p
                    for i, a in enumerate(first))
 
 
+def test_deit_random_erasing_boxes_are_the_ones_timms_pixel_mode_erases(tmp_path):
+    """Each sample's box is drawn from (seed, epoch, index) by timm's RandomErasing: the pixels
+    timm's own 'pixel' mode changes from the same Python random state are exactly the box; about
+    a quarter of the samples get one (p 0.25); the global generators are left alone."""
+    from timm.data.random_erasing import RandomErasing
+    from fastmix.data.imagefolder import ImageFileDataset, scan_imagefolder
+    _folder(tmp_path)
+    scan = scan_imagefolder(str(tmp_path), "train", quiet=True)
+    ds = ImageFileDataset(scan.files, scan.labels, 224, True, seed=3, pipeline="deit")
+    random.seed(7)
+    expect = random.random()
+    random.seed(7)
+    boxes = []
+    for epoch in range(100):
+        ds.epoch = epoch
+        boxes += [(epoch, i, ds.erase_box(i)) for i in range(len(ds))]
+    assert random.random() == expect
+    hits = [b for b in boxes if b[2][2] > 0]
+    assert 0.25 * len(boxes) - 60 < len(hits) < 0.25 * len(boxes) + 60   # 600 draws, ~4.5 std
+    for epoch, i, (top, left, h, w) in hits:
+        assert 0 <= top and top + h <= 224 and 0 <= left and left + w <= 224
+        assert 0.019 * 224 ** 2 <= h * w <= 224 ** 2 / 3 * 1.03
+    timm_re = RandomErasing(probability=0.25, mode="pixel", max_count=1, device="cpu")
+    for epoch, i, box in boxes[:60] + hits[:20]:
+        ds.epoch = epoch
+        img = torch.rand(3, 224, 224) + 5          # the noise never lands near 5
+        seed = int(np.random.default_rng((3, epoch, i, 2)).integers(2**62))
+        state = random.getstate()
+        random.seed(seed)
+        changed = timm_re(img.clone()) != img
+        random.setstate(state)
+        mask = torch.zeros(224, 224, dtype=torch.bool)
+        top, left, h, w = box.tolist()
+        mask[top:top + h, left:left + w] = True
+        assert torch.equal(changed, mask.expand(3, -1, -1)), (epoch, i, box)
+        assert torch.equal(ds.erase_box(i), box)      # the same sample, the same box
+
+
+def test_deit_loader_erases_after_normalisation_and_repeats_on_resume(tmp_path, monkeypatch):
+    """The loader fills each box with N(0, 1) noise in normalised units and leaves every other
+    pixel as the RandAugment pipeline made it; the same epoch gives the same batch again (a
+    resumed run redraws its skipped batches), another epoch other noise."""
+    from fastmix.data import imagefolder as F
+    _folder(tmp_path, n=8)
+    # the deit pipeline with RandomErasing's probability 1: every sample gets a box
+    monkeypatch.setitem(F.PIPELINES, "deit-always", F.Pipeline(*F.PIPELINES["deit"][:5], 1.0))
+    ld = F.build_imagefolder_loader(str(tmp_path), "train", 4, True, loader="torchvision",
+                                    pipeline="deit-always", size=32, num_workers=0, quiet=True)
+    batches = [(x.clone(), y.clone()) for x, y in ld]
+    again = [(x.clone(), y.clone()) for x, y in ld]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+    order = ld.epoch_indices(0)
+    erased = []
+    for k, (x, _) in enumerate(batches):
+        for j, idx in enumerate(order[4 * k:4 * k + 4]):
+            img, _, box = ld.dataset[int(idx)]
+            ref = (img.permute(2, 0, 1).float() - ld._mean[0]) / ld._std[0]
+            top, left, h, w = box.tolist()
+            assert h > 0 and w > 0                  # p = 1: every sample has a box
+            mask = torch.zeros(32, 32, dtype=torch.bool)
+            mask[top:top + h, left:left + w] = True
+            assert torch.equal(x[j][:, ~mask], ref[:, ~mask])
+            erased.append(x[j][:, mask].flatten())
+    noise = torch.cat(erased)
+    assert noise.numel() > 300 and abs(noise.mean()) < 0.2 and abs(noise.std() - 1) < 0.15
+    ld.set_epoch(1)
+    other = [x for x, _ in ld]
+    assert not all(torch.equal(a[0], b) for a, b in zip(batches, other))
+
+
 def test_dali_refuses_a_randaugment_pipeline_and_auto_picks_the_dataloader(tmp_path, capsys):
     from fastmix.data.imagefolder import build_imagefolder_loader
     _folder(tmp_path)

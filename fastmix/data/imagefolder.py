@@ -94,12 +94,14 @@ class Pipeline(tuple):
     range), ``interp`` ("bicubic" or "bilinear", every resize), ``val_ratio`` (test: shorter
     side to ``size * val_ratio``, then the centre ``size`` crop), ``randaug`` (a timm RandAugment
     config string applied after the crop and flip, e.g. ``rand-m9-mstd0.5-inc1``, or None; it
-    runs on PIL images in the DataLoader workers, so only ``--loader torchvision`` takes it)."""
+    runs on PIL images in the DataLoader workers, so only ``--loader torchvision`` takes it),
+    ``reprob`` (the probability of timm's RandomErasing after normalisation, 0 for none; it
+    rides with RandAugment in the DataLoader loader)."""
     __slots__ = ()
-    _fields = ("pre_resize", "scale", "interp", "val_ratio", "randaug")
+    _fields = ("pre_resize", "scale", "interp", "val_ratio", "randaug", "reprob")
 
-    def __new__(cls, pre_resize, scale, interp, val_ratio, randaug=None):
-        return tuple.__new__(cls, (pre_resize, scale, interp, val_ratio, randaug))
+    def __new__(cls, pre_resize, scale, interp, val_ratio, randaug=None, reprob=0.0):
+        return tuple.__new__(cls, (pre_resize, scale, interp, val_ratio, randaug, reprob))
 
     def __getattr__(self, name):
         try:
@@ -123,9 +125,10 @@ PIPELINES = {
     # ops); test: Resize(224, bicubic), no crop.
     "cifar-vit": Pipeline(None, (0.8, 1.0), "bicubic", 1.0, "rand-m7-n2-mstd0.5"),
     # ImageNet DeiT (OpenMixup's swin_sz224_8xbs128 base, timm's create_transform):
-    # RandomResizedCrop(224, 0.08-1, bicubic) + flip + RandAugment m9 mstd0.5 inc1; test
-    # Resize 256 + CenterCrop 224. Its RandomErasing (p 0.25) is not applied (docs/vit.md).
-    "deit": Pipeline(None, RRC_SCALE, "bicubic", 256 / 224, "rand-m9-mstd0.5-inc1"),
+    # RandomResizedCrop(224, 0.08-1, bicubic) + flip + RandAugment m9 mstd0.5 inc1, then after
+    # normalisation RandomErasing (p 0.25, one box, per-pixel normal noise); test Resize 256 +
+    # CenterCrop 224.
+    "deit": Pipeline(None, RRC_SCALE, "bicubic", 256 / 224, "rand-m9-mstd0.5-inc1", 0.25),
 }
 
 
@@ -134,6 +137,29 @@ def randaugment(config, mean=IMAGENET_MEAN):
     from timm.data.auto_augment import rand_augment_transform
     fill = tuple(int(round(255 * m)) for m in mean)
     return rand_augment_transform(config, dict(translate_const=100, img_mean=fill))
+
+
+def random_erasing(probability):
+    """timm's ``RandomErasing`` as the DeiT recipe builds it (``probability``, one box of 2-33 %
+    of the image, aspect 0.3-3.3), here only to draw each sample's box: the loader fills the box
+    on the device with per-pixel N(0, 1) noise after normalisation, timm's ``'pixel'`` mode."""
+    from timm.data.random_erasing import RandomErasing
+    return RandomErasing(probability=probability, mode="const", max_count=1, device="cpu")
+
+
+def erase_boxes(x, boxes, generator):
+    """``x`` (a normalised NCHW float batch) with each sample's box ``[top, left, h, w]``
+    (``h = 0``: none) filled with per-pixel N(0, 1) noise from ``generator`` (on x's device);
+    a new tensor in x's memory format."""
+    n, _, h, w = x.shape
+    top, left, bh, bw = boxes.to(x.device).unbind(1)
+    r = torch.arange(h, device=x.device)
+    c = torch.arange(w, device=x.device)
+    rows = (r >= top[:, None]) & (r < (top + bh)[:, None])
+    cols = (c >= left[:, None]) & (c < (left + bw)[:, None])
+    mask = (rows[:, :, None] & cols[:, None, :])[:, None]
+    noise = torch.empty_like(x).normal_(generator=generator)
+    return torch.where(mask, noise, x)
 
 
 def seeded_call(fn, img, seed):
@@ -738,6 +764,11 @@ class ImageFileDataset(torch.utils.data.Dataset):
                              f"in the workers: it cannot decode on the device (raw=False)")
         self.randaug = randaugment(self.pipeline.randaug, mean) \
             if train and self.pipeline.randaug else None
+        self.erasing = random_erasing(self.pipeline.reprob) \
+            if train and self.pipeline.reprob else None
+        if raw and self.erasing is not None:
+            raise ValueError(f"the {pipeline} pipeline's RandomErasing boxes are drawn in the "
+                             f"workers with its RandAugment: it cannot decode on the device")
         self.files, self.labels = files, labels
         self.size, self.train, self.seed, self.epoch = size, train, seed, 0
         self.decoder, self.raw = decoder, raw
@@ -791,6 +822,19 @@ class ImageFileDataset(torch.utils.data.Dataset):
         out = np.asarray(seeded_call(self.randaug, Image.fromarray(arr), seed))
         return torch.from_numpy(out.copy()) if isinstance(hwc, torch.Tensor) else out
 
+    def erase_box(self, index):
+        """``[top, left, h, w]`` of this sample's RandomErasing box (all 0: none), drawn by timm's
+        ``RandomErasing`` from ``(seed, epoch, index)`` on a probe of the crop's size."""
+        probe = torch.ones(1, self.size, self.size, dtype=torch.uint8)
+        seed = int(np.random.default_rng((self.seed, self.epoch, index, 2)).integers(2**62))
+        seeded_call(self.erasing, probe, seed)
+        hit = probe[0] == 0
+        if not hit.any():
+            return torch.zeros(4, dtype=torch.int64)
+        rows, cols = hit.any(1).nonzero()[:, 0], hit.any(0).nonzero()[:, 0]
+        top, left = int(rows[0]), int(cols[0])
+        return torch.tensor([top, left, int(rows[-1]) - top + 1, int(cols[-1]) - left + 1])
+
     def load_raw(self, index):
         """``(file bytes as a uint8 tensor, geometry)`` without decoding the pixels (the size
         comes from the header)."""
@@ -811,6 +855,8 @@ class ImageFileDataset(torch.utils.data.Dataset):
         img = self.load(index)
         if not isinstance(img, torch.Tensor):
             img = torch.from_numpy(img.copy())
+        if self.erasing is not None:
+            return img, self.labels[index], self.erase_box(index)
         return img, self.labels[index]
 
 
@@ -1018,15 +1064,23 @@ class TorchvisionLoader(_ImageFolderLoaderBase):
 
     def __iter__(self):
         self.dataset.epoch = self.epoch   # workers start per epoch and copy the dataset
-        for batch in self._loader:
+        for i, batch in enumerate(self._loader):
+            boxes = None
             if self.decode_on_device:
                 data, geom, index, y = batch
                 x = self.decode_batch(data, geom, index)
             else:
-                x, y = batch
+                x, y, *boxes = batch
                 x = x.to(self.device, non_blocking=True)
             x = x.permute(0, 3, 1, 2)                     # NCHW view of NHWC
-            x = ((x.float() - self._mean) / self._std).to(self.dtype)
+            x = (x.float() - self._mean) / self._std
+            if boxes:
+                # RandomErasing's noise: a generator keyed by (seed, epoch, rank, batch), so a
+                # resumed run (which draws the skipped batches) fills the same boxes alike
+                g = torch.Generator(device=self.device).manual_seed(int(np.random.default_rng(
+                    (self.seed, self.epoch, self.rank, i, 3)).integers(2**62)))
+                x = erase_boxes(x, boxes[0], g)
+            x = x.to(self.dtype)
             if not self.channels_last:
                 x = x.contiguous()
             yield x, y.to(self.device, non_blocking=True).to(torch.int64)
