@@ -39,13 +39,13 @@ def _git(root, *args):
     return r.stdout.strip() if r.returncode == 0 else None
 
 
-def environment(root=None):
+def environment():
     """``{"commit", "tracked_files_modified", "versions", "machine"}`` of this process. The
-    commit is the checkout's at ``root`` (default: the one fastmix runs from; None installed);
+    commit is that of the checkout fastmix runs from (None for an installed package);
     ``machine`` holds the CPU model, the ISA torch's CPU kernels use, torch's intra-op threads
     in this process, and the CUDA device's name where one is used."""
     import torch
-    root = source_root() if root is None else root
+    root = source_root()
     versions = {"python": platform.python_version()}
     for name in ("torch", "torchvision", "timm", "triton", "numpy"):
         try:

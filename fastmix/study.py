@@ -327,9 +327,7 @@ def provenance(argv, script="bench/accuracy.py", command=None):
     is given (``fastmix-study``); an installed fastmix (no checkout) records no commit."""
     env = environment()
     env["machine"]["torch_threads_default"] = env["machine"].pop("torch_threads")
-    return {"commit": env["commit"], "tracked_files_modified": env["tracked_files_modified"],
-            "command": f"{command or 'python ' + script} " + shlex.join(argv),
-            "versions": env["versions"], "machine": env["machine"]}
+    return {**env, "command": f"{command or 'python ' + script} " + shlex.join(argv)}
 
 
 def regenerate_command(run):
